@@ -1,0 +1,121 @@
+"""User settings of the `dlm` speculative method, validated before any engine starts.
+
+Users write them in vLLM's one `--speculative-config` JSON, next to vLLM's own keys:
+
+    {"method": "dlm", "draft_model": "/models/dream-7b", "num_speculative_tokens": 16}
+
+Every error names the offending field and says how to fix it, because a bad value here would
+otherwise surface as a crash deep inside a worker process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+METHOD_NAME = "dlm"
+PROPOSER_CLASS_PATH = "dlmspec_vllm.proposer.DlmProposer"
+SETTINGS_ENV_VAR = "DLMSPEC_CONFIG"
+
+# vLLM's rejection sampler verifies at most this many draft tokens per request and step.
+MAX_SPEC_LEN = 128
+
+
+class DlmConfigError(ValueError):
+    """A `dlm` setting is wrong; the message names the field and the fix."""
+
+
+class DlmSpeculativeConfig(BaseModel):
+    """Settings of the `dlm` method, in the JSON users pass as `--speculative-config`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["dlm"] = METHOD_NAME
+    draft_model: str = Field(
+        description="Local directory (or Hugging Face id, resolved offline from the HF cache) of "
+        "a diffusion-LM checkpoint in its Hugging Face layout."
+    )
+    num_speculative_tokens: int = Field(
+        ge=1,
+        le=MAX_SPEC_LEN,
+        description="Most draft tokens proposed per request and step (vLLM verifies at most "
+        f"{MAX_SPEC_LEN}).",
+    )
+    draft_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Drafter weight dtype; 'auto' follows the target model's dtype.",
+    )
+    max_draft_context: int | None = Field(
+        default=None,
+        ge=1,
+        description="Keep only this many most recent context tokens in the drafter's input; "
+        "default: the drafter's own context window.",
+    )
+
+    @classmethod
+    def from_user_dict(cls, raw: dict[str, Any]) -> DlmSpeculativeConfig:
+        """Validate a user's dict, turning pydantic's report into one readable error."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            raise DlmConfigError(_describe_validation_error(err)) from None
+
+    @classmethod
+    def from_environment(cls, num_speculative_tokens: int) -> DlmSpeculativeConfig:
+        """Settings for vLLM's `custom_class` route, whose JSON has no room for ours.
+
+        DLMSPEC_CONFIG holds a JSON object, or the path of a file with one, with the same keys
+        as the `dlm` method (num_speculative_tokens comes from vLLM's own config).
+        """
+        text = os.environ.get(SETTINGS_ENV_VAR)
+        if not text:
+            raise DlmConfigError(
+                f"method 'custom_class' with {PROPOSER_CLASS_PATH} reads its settings from the "
+                f"environment variable {SETTINGS_ENV_VAR}, which is not set: set it to a JSON "
+                'object such as {"draft_model": "/path/to/drafter"}, or use '
+                '--speculative-config \'{"method": "dlm", "draft_model": ..., '
+                '"num_speculative_tokens": ...}\' instead.'
+            )
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise DlmConfigError(
+                    f"{SETTINGS_ENV_VAR}={text!r} is neither a JSON object nor an existing file."
+                )
+            text = path.read_text()
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DlmConfigError(f"{SETTINGS_ENV_VAR} is not valid JSON: {err}") from None
+        if not isinstance(raw, dict):
+            raise DlmConfigError(f"{SETTINGS_ENV_VAR} must hold a JSON object.")
+        given = raw.get("num_speculative_tokens", num_speculative_tokens)
+        if given != num_speculative_tokens:
+            raise DlmConfigError(
+                f"num_speculative_tokens is {given} in {SETTINGS_ENV_VAR} but "
+                f"{num_speculative_tokens} in vLLM's speculative config: give it in one place."
+            )
+        raw = {**raw, "num_speculative_tokens": num_speculative_tokens}
+        return cls.from_user_dict(raw)
+
+
+def _describe_validation_error(err: ValidationError) -> str:
+    allowed = ", ".join(DlmSpeculativeConfig.model_fields)
+    lines = []
+    for problem in err.errors():
+        field = ".".join(str(part) for part in problem["loc"]) or "(config)"
+        if problem["type"] == "extra_forbidden":
+            lines.append(
+                f"unknown field '{field}' for method 'dlm'; allowed fields: {allowed}"
+            )
+        elif problem["type"] == "missing":
+            lines.append(f"field '{field}' is required for method 'dlm'")
+        else:
+            lines.append(
+                f"field '{field}': {problem['msg']} (got {problem.get('input')!r})"
+            )
+    return "invalid --speculative-config for method 'dlm': " + "; ".join(lines)

@@ -1,0 +1,30 @@
+"""Every place this package touches vLLM internals, applied from one function."""
+
+from __future__ import annotations
+
+import logging
+
+from dlmspec_vllm.integration.version import check_vllm_version
+
+logger = logging.getLogger(__name__)
+
+
+def all_patches() -> list[type]:
+    """The patches, imported only once the vLLM version is known to be supported."""
+    from dlmspec_vllm.integration.model_runner import GPUModelRunnerProposeDraftTokenIdsPatch
+    from dlmspec_vllm.integration.speculative_config import EngineArgsSpeculativeConfigPatch
+
+    return [EngineArgsSpeculativeConfigPatch, GPUModelRunnerProposeDraftTokenIdsPatch]
+
+
+def install() -> None:
+    """Apply every patch once per process; vLLM may load a plugin several times."""
+    check_vllm_version()
+    for patch in all_patches():
+        if not patch.is_applied():
+            problems = patch.signature_mismatches()
+            if problems:
+                raise RuntimeError(
+                    "dlmspec-vllm cannot patch this vLLM build: " + "; ".join(problems)
+                )
+            patch.apply()

@@ -1,0 +1,60 @@
+"""Let vLLM's `--speculative-config` accept `"method": "dlm"`.
+
+vLLM has no proposer registry and its SpeculativeConfig forbids unknown methods and keys.
+Its `custom_class` method does load a proposer class by path, so the `dlm` JSON is validated
+by our own pydantic model and handed to vLLM as `custom_class` pointing at our proposer,
+with the validated settings attached to the resulting config object (they travel with it
+to the engine-core and worker processes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.engine.arg_utils import EngineArgs
+
+from dlmspec_vllm.config import METHOD_NAME, PROPOSER_CLASS_PATH, DlmSpeculativeConfig
+from dlmspec_vllm.integration.patching import MethodPatch
+from dlmspec_vllm.pairing import check_drafter_pairing
+
+SETTINGS_ATTRIBUTE = "dlmspec_settings"
+
+
+def attached_settings(speculative_config: Any) -> DlmSpeculativeConfig | None:
+    raw = getattr(speculative_config, SETTINGS_ATTRIBUTE, None)
+    return None if raw is None else DlmSpeculativeConfig.model_validate_json(raw)
+
+
+class EngineArgsSpeculativeConfigPatch(MethodPatch):
+    target = EngineArgs
+    methods = ("create_speculative_config",)
+    expected_parameters = {
+        "create_speculative_config": ("self", "target_model_config", "target_parallel_config"),
+    }
+
+    def create_speculative_config(self, target_model_config, target_parallel_config):
+        original = EngineArgsSpeculativeConfigPatch.original("create_speculative_config")
+        raw = self.speculative_config
+        if not (isinstance(raw, dict) and raw.get("method") == METHOD_NAME):
+            return original(self, target_model_config, target_parallel_config)
+
+        settings = DlmSpeculativeConfig.from_user_dict(
+            {key.replace("-", "_"): value for key, value in raw.items()}
+        )
+        check_drafter_pairing(
+            settings.draft_model,
+            target_tokenizer=target_model_config.tokenizer,
+            trust_remote_code=target_model_config.trust_remote_code,
+        )
+        # EngineArgs may build its config more than once; keep the user's dict as given.
+        self.speculative_config = {
+            "method": "custom_class",
+            "model": PROPOSER_CLASS_PATH,
+            "num_speculative_tokens": settings.num_speculative_tokens,
+        }
+        try:
+            speculative_config = original(self, target_model_config, target_parallel_config)
+        finally:
+            self.speculative_config = raw
+        object.__setattr__(speculative_config, SETTINGS_ATTRIBUTE, settings.model_dump_json())
+        return speculative_config

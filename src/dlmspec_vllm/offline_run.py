@@ -1,0 +1,140 @@
+"""Run one vLLM engine over fixed batches of prompts and report outputs, timing and counters.
+
+Each engine configuration runs in a process of its own (`python -m dlmspec_vllm.offline_run
+JOB.json RESULT.json`), so tests, the demo and the benchmarks compare configurations side by
+side without two engines ever sharing one process's global state.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SPEC_DECODE_COUNTERS = {
+    "vllm:spec_decode_num_drafts": "num_drafts",
+    "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens": "num_accepted_tokens",
+}
+
+
+class SamplingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = 0.0
+    max_tokens: int = 32
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+class Batch(BaseModel):
+    """Prompts generated together in one `LLM.generate` call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str]
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    chat: bool = False
+
+
+class EngineJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    speculative_config: dict[str, Any] | None = None
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    batches: list[Batch]
+    warmup: bool = True
+
+
+class BatchResult(BaseModel):
+    token_ids: list[list[int]]
+    texts: list[str]
+    seconds: float
+    generated_tokens: int
+
+
+class EngineResult(BaseModel):
+    batches: list[BatchResult]
+    spec_decode: dict[str, float]
+    accepted_per_position: list[float]
+    startup_seconds: float
+
+
+def run_job(job: EngineJob) -> EngineResult:
+    from vllm import LLM, SamplingParams
+
+    started = time.perf_counter()
+    llm = LLM(
+        model=job.model,
+        speculative_config=job.speculative_config,
+        disable_log_stats=False,
+        **job.engine_kwargs,
+    )
+    startup = time.perf_counter() - started
+    if job.warmup:
+        llm.generate(["warm up"], SamplingParams(max_tokens=4), use_tqdm=False)
+    before = _spec_decode_counters(llm)
+
+    results = []
+    for batch in job.batches:
+        params = SamplingParams(**batch.sampling.model_dump())
+        prompts: list[Any] = batch.prompts
+        if batch.chat:
+            tokenizer = llm.get_tokenizer()
+            prompts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in batch.prompts
+            ]
+        t0 = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        token_ids = [list(o.outputs[0].token_ids) for o in outputs]
+        results.append(
+            BatchResult(
+                token_ids=token_ids,
+                texts=[o.outputs[0].text for o in outputs],
+                seconds=seconds,
+                generated_tokens=sum(len(t) for t in token_ids),
+            )
+        )
+    after = _spec_decode_counters(llm)
+    counters = {name: after[0].get(name, 0.0) - before[0].get(name, 0.0) for name in after[0]}
+    earlier = before[1] + [0.0] * (len(after[1]) - len(before[1]))
+    per_position = [a - b for a, b in zip(after[1], earlier)]
+    return EngineResult(
+        batches=results,
+        spec_decode=counters,
+        accepted_per_position=per_position,
+        startup_seconds=startup,
+    )
+
+
+def _spec_decode_counters(llm: Any) -> tuple[dict[str, float], list[float]]:
+    counters: dict[str, float] = {}
+    per_position: list[float] = []
+    for metric in llm.get_metrics():
+        if metric.name in SPEC_DECODE_COUNTERS:
+            counters[SPEC_DECODE_COUNTERS[metric.name]] = float(metric.value)
+        elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            per_position = [float(v) for v in metric.values]
+    return counters, per_position
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        raise SystemExit("usage: python -m dlmspec_vllm.offline_run JOB.json RESULT.json")
+    job = EngineJob.model_validate_json(Path(argv[0]).read_text())
+    result = run_job(job)
+    Path(argv[1]).write_text(json.dumps(result.model_dump(), indent=1))
+
+
+if __name__ == "__main__":
+    main()
