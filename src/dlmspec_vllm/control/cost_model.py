@@ -1,0 +1,139 @@
+"""Online estimate of what drafting k tokens and verifying n tokens cost, in seconds.
+
+Both costs are modelled as lines, draft(k) = a + b*k for k >= 1 (draft(0) = 0: no pass runs) and
+verify(n) = a + b*n (verify(0) is a plain decode step), fitted by exponentially weighted least
+squares so they follow drift (context growth, batch changes). Lines, because that is what these
+costs look like over the range that matters: a diffusion pass or a memory-bound target pass has
+a large fixed part and a small per-token part; a compute-bound target has a steeper slope.
+
+The fit is pulled toward a prior slope expressed as a fraction of the cost level. When all
+recent steps used the same length the data say nothing about the slope, and the prior keeps the
+model usable (ridge regression whose prior weighs as much as one sample one token away from the
+mean length, so a few steps of varied lengths outweigh it). The prior is relative, so it holds
+in any time unit.
+
+Before any measurement, costs are in units of one plain decode step: verify(n) = 1 + s_v * n and
+draft(k) = r * (1 + s_d * k). Until a step with a draft pass is measured, the draft line is that
+prior scaled by the measured verify(0), so the two costs stay in the same unit.
+"""
+
+from __future__ import annotations
+
+import math
+
+from dlmspec_vllm.control.base import check_float, check_int
+
+_RIDGE = 1.0  # prior weight on the slope: one sample one token off the mean length
+_MIN_COST = 1e-9  # keeps costs positive whatever noise the fit sees
+
+
+class _WeightedLine:
+    """Exponentially weighted least-squares line y = a + b*x with a relative slope prior."""
+
+    __slots__ = ("_keep", "_w", "_x", "_y", "_xx", "_xy")
+
+    def __init__(self, ema: float) -> None:
+        self._keep = 1.0 - ema
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    @property
+    def empty(self) -> bool:
+        return self._w == 0.0
+
+    def add(self, x: float, y: float) -> None:
+        keep = self._keep
+        self._w = keep * self._w + 1.0
+        self._x = keep * self._x + x
+        self._y = keep * self._y + y
+        self._xx = keep * self._xx + x * x
+        self._xy = keep * self._xy + x * y
+
+    def coefficients(self, rel_slope: float) -> tuple[float, float]:
+        """(a, b) with b >= 0 (cost never falls with length) and a > 0."""
+        w = self._w
+        mx, my = self._x / w, self._y / w
+        # Spread and co-spread summed over the (decayed) samples, not averaged, so the prior's
+        # fixed weight washes out as evidence accumulates.
+        spread = max(self._xx - w * mx * mx, 0.0)
+        co_spread = self._xy - w * mx * my
+        # Prior slope b0 = rel_slope * a, with a the intercept implied by the mean point.
+        b0 = rel_slope * my / (1.0 + rel_slope * mx)
+        b = max(0.0, (co_spread + _RIDGE * b0) / (spread + _RIDGE))
+        return max(my - b * mx, _MIN_COST), b
+
+
+class CostModel:
+    """Draft and verify cost lines, learned from the proposer's step timings."""
+
+    def __init__(
+        self,
+        *,
+        draft_cost_ratio: float = 0.2,
+        draft_cost_slope: float = 0.02,
+        verify_cost_slope: float = 0.01,
+        cost_ema: float = 0.05,
+    ) -> None:
+        """Priors are relative; see the module docstring.
+
+        draft_cost_ratio in (0, 100]: one drafter pass over a plain decode step (0.2: a diffusion
+            drafter several times smaller than the target).
+        draft_cost_slope, verify_cost_slope in [0, 10]: extra cost per token as a fraction of the
+            fixed part (0.01 for verify: at small batch a target step is memory-bound, so
+            verifying k tokens costs little more than one).
+        cost_ema in (0, 1]: weight of the newest timing (0.05: about the last 20 steps count).
+        """
+        self._ratio = check_float("draft_cost_ratio", draft_cost_ratio, 0.0, 100.0, low_open=True)
+        self._draft_slope = check_float("draft_cost_slope", draft_cost_slope, 0.0, 10.0)
+        self._verify_slope = check_float("verify_cost_slope", verify_cost_slope, 0.0, 10.0)
+        ema = check_float("cost_ema", cost_ema, 0.0, 1.0, low_open=True)
+        self._draft = _WeightedLine(ema)
+        self._verify = _WeightedLine(ema)
+        self._samples = 0
+        self._lines: tuple[tuple[float, float], tuple[float, float]] | None = None
+
+    def record(
+        self, draft_seconds: float, draft_len: int, verify_seconds: float, verify_tokens: int
+    ) -> None:
+        """Add one step's timings: a draft pass of draft_len positions (0: none ran, its time is
+        ignored) and a verification of verify_tokens draft tokens (0: a plain decode step)."""
+        for name, seconds in (("draft_seconds", draft_seconds), ("verify_seconds", verify_seconds)):
+            check_float(name, seconds, 0.0, math.inf, high_open=True)
+        check_int("draft_len", draft_len, 0)
+        check_int("verify_tokens", verify_tokens, 0)
+        if draft_len > 0:
+            self._draft.add(draft_len, draft_seconds)
+        self._verify.add(verify_tokens, verify_seconds)
+        self._samples += 1
+        self._lines = None
+
+    @property
+    def samples(self) -> int:
+        """Timings recorded so far."""
+        return self._samples
+
+    def lines(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """((draft_a, draft_b), (verify_a, verify_b)); cached until the next record()."""
+        if self._lines is None:
+            if self._verify.empty:
+                verify = (1.0, self._verify_slope)
+            else:
+                verify = self._verify.coefficients(self._verify_slope)
+            if self._draft.empty:
+                a = self._ratio * verify[0]
+                draft = (a, a * self._draft_slope)
+            else:
+                draft = self._draft.coefficients(self._draft_slope)
+            self._lines = (draft, verify)
+        return self._lines
+
+    def draft_cost(self, k: int) -> float:
+        """Cost of one drafter pass over k positions (0 for k == 0: no pass)."""
+        if k <= 0:
+            return 0.0
+        a, b = self.lines()[0]
+        return a + b * k
+
+    def verify_cost(self, n: int) -> float:
+        """Cost of a target step verifying n draft tokens."""
+        a, b = self.lines()[1]
+        return a + b * n
