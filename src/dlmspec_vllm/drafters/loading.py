@@ -1,0 +1,169 @@
+"""Pick and load the drafter class that a ``draft_model`` checkpoint directory holds.
+
+The checkpoint's config.json says what it is (``model_type``, ``architectures``); this module maps
+that to a drafter class and turns every way a directory can be wrong into one DrafterLoadError
+whose message names the ``draft_model`` setting and the fix. Drafter modules are imported only
+when chosen, so supporting a family costs nothing to users of the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dlmspec_vllm.drafters.base import Drafter
+
+
+@dataclass(frozen=True)
+class DrafterFamily:
+    """How to recognise one diffusion LM family's config.json, and its drafter class."""
+
+    model_type: str  # as config.json spells it; matched case-insensitively
+    architectures: tuple[str, ...]
+    drafter: str  # "module:Class" with a from_pretrained classmethod
+
+
+DRAFTER_FAMILIES: tuple[DrafterFamily, ...] = (
+    DrafterFamily("Dream", ("DreamModel",), "dlmspec_vllm.drafters.dream:DreamDrafter"),
+)
+
+
+class DrafterLoadError(ValueError):
+    """A draft_model directory that cannot be used as a diffusion drafter, and why."""
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The parsed config.json of a checkpoint directory."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise DrafterLoadError(
+            f"draft_model path {path} has no config.json: point `draft_model` at a Hugging Face "
+            "checkpoint directory (config.json + *.safetensors)"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise DrafterLoadError(
+            f"draft_model config {config_file} is not valid JSON: {err}"
+        ) from err
+    if not isinstance(config, dict):
+        raise DrafterLoadError(f"draft_model config {config_file} is not a JSON object")
+    return config
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """Weight files of a checkpoint: the shards its index names, else model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        shards = [path / name for name in sorted(set(weight_map.values()))]
+        absent = [shard.name for shard in shards if not shard.is_file()]
+        if not shards or absent:
+            raise DrafterLoadError(
+                f"draft_model {path}: model.safetensors.index.json names missing shards {absent}"
+            )
+        return shards
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    hint = f" (found {', '.join(others)}: convert them to safetensors)" if others else ""
+    raise DrafterLoadError(
+        f"draft_model {path} has no weights: expected model.safetensors or "
+        f"model.safetensors.index.json{hint}"
+    )
+
+
+def drafter_class_path(config: dict[str, Any], path: Path) -> str:
+    """The "module:Class" of the drafter for this config, or why there is none."""
+    model_type = str(config.get("model_type", ""))
+    architectures = [str(a) for a in config.get("architectures") or []]
+    for family in DRAFTER_FAMILIES:
+        if family.model_type.lower() == model_type.lower() or set(family.architectures) & set(
+            architectures
+        ):
+            return family.drafter
+    described = f"model_type {model_type!r}, architectures {architectures}"
+    supported = ", ".join(family.model_type for family in DRAFTER_FAMILIES)
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        raise DrafterLoadError(
+            f"draft_model {path} is an autoregressive model ({described}); method 'dlm' needs a "
+            f"diffusion LM drafter: set `draft_model` to a diffusion checkpoint "
+            f"(supported model_type: {supported})"
+        )
+    raise DrafterLoadError(
+        f"draft_model {path} is not a supported diffusion drafter ({described}); "
+        f"supported model_type: {supported}"
+    )
+
+
+def load_drafter(
+    path: str | Path,
+    *,
+    target_vocab_size: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Drafter:
+    """Load the diffusion drafter in ``path`` for a target with ``target_vocab_size`` token ids.
+
+    Every check that needs no weights runs before any weights are read, so a wrong setting fails
+    in milliseconds, not after minutes of loading.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise DrafterLoadError(
+            f"draft_model path {path} does not exist (or is not a directory): set `draft_model` "
+            "to a local checkpoint directory"
+        )
+    config = read_config(path)
+    module_name, class_name = drafter_class_path(config, path).split(":")
+    safetensors_files(path)
+    drafter_cls = getattr(importlib.import_module(module_name), class_name)
+    drafter: Drafter = drafter_cls.from_pretrained(
+        path, target_vocab_size=target_vocab_size, device=device, dtype=dtype
+    )
+    return drafter
+
+
+def resolve_checkpoint_dir(draft_model: str | Path) -> Path:
+    """The local directory of `draft_model`: a path as given, else a Hugging Face id found in
+    (or, where the hub is reachable, downloaded into) the local Hugging Face cache."""
+    path = Path(draft_model).expanduser()
+    if path.is_dir():
+        return path
+    if (
+        path.exists()
+        or str(draft_model).startswith((".", "/", "~"))
+        or str(draft_model).count("/") != 1
+    ):
+        raise DrafterLoadError(
+            f"draft_model path {draft_model} does not exist (or is not a directory): set "
+            "`draft_model` to a local checkpoint directory or a Hugging Face id"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(draft_model)))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        raise DrafterLoadError(
+            f"draft_model {draft_model!r} is neither a local directory nor a Hugging Face id "
+            f"available here ({type(err).__name__}): download it first or give a local path"
+        ) from None
+
+
+def describe_checkpoint(path: Path) -> str:
+    """Run every check that needs no weights; return the drafter class ("module:Class")."""
+    if not path.is_dir():
+        raise DrafterLoadError(
+            f"draft_model path {path} does not exist (or is not a directory): set `draft_model` "
+            "to a local checkpoint directory"
+        )
+    drafter = drafter_class_path(read_config(path), path)
+    safetensors_files(path)
+    return drafter
