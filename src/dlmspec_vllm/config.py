@@ -10,12 +10,15 @@ otherwise surface as a crash deep inside a worker process.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dlmspec_vllm.control import CONTROLLERS, LengthController, make_controller
 
 METHOD_NAME = "dlm"
 PROPOSER_CLASS_PATH = "dlmspec_vllm.proposer.DlmProposer"
@@ -27,6 +30,75 @@ MAX_SPEC_LEN = 128
 
 class DlmConfigError(ValueError):
     """A `dlm` setting is wrong; the message names the field and the fix."""
+
+
+class ControllerSettings(BaseModel):
+    """Which draft-length controller runs, and its options (see control/)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["fixed", "adl", "failfast", "cost_aware"] = Field(
+        default="fixed",
+        description="fixed: always num_speculative_tokens (or `k`); adl: DiffuSpec's adaptive "
+        "draft length; failfast: FailFast's extend-while-confident rule; cost_aware: ours.",
+    )
+    options: dict[str, int | float | bool] = Field(
+        default_factory=dict,
+        description='The chosen controller\'s keyword settings, e.g. {"k_min": 8} for adl.',
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_shorthand(cls, value: Any) -> Any:
+        # Users write "controller": "adl" or {"name": "adl", "k_min": 8}; both mean the same.
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, dict) and "options" not in value:
+            options = {k: v for k, v in value.items() if k != "name"}
+            return {"name": value.get("name", "fixed"), "options": options}
+        return value
+
+    def build(self, max_length: int) -> LengthController:
+        return make_controller(self.name, max_length, **self.options)
+
+
+class LatticeSettings(BaseModel):
+    """Causal-consistency Path Search (DiffuSpec) over the drafter's per-position candidates."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=False, description="Off: send the per-position argmax.")
+    tau: float = Field(default=0.8, gt=0.0, le=1.0, description="Nucleus mass kept per position.")
+    m_max: int = Field(default=15, ge=1, le=64, description="Most candidates per position.")
+    lam: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Weight of the drafter's log-prob vs the scorer's."
+    )
+    scorer: Literal["online", "arpa", "none"] = Field(
+        default="online",
+        description="online: n-gram of the request's own prompt and output; arpa: an ARPA file; "
+        "none: drafter scores only.",
+    )
+    arpa_path: str | None = Field(default=None, description="ARPA file, for scorer 'arpa'.")
+    ngram_order: int = Field(default=3, ge=2, le=3, description="Order of the online n-gram.")
+    search: Literal["dp", "beam"] = Field(
+        default="dp", description="dp: exact dynamic programming; beam: beam search."
+    )
+    beam_width: int = Field(default=3, ge=1, le=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_shorthand(cls, value: Any) -> Any:
+        # "lattice": true turns CPS on with the paper's defaults.
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _arpa_file_given(self) -> LatticeSettings:
+        if self.scorer == "arpa":
+            if self.arpa_path is None:
+                raise ValueError("lattice.scorer 'arpa' needs lattice.arpa_path (an ARPA file)")
+            if not Path(self.arpa_path).is_file():
+                raise ValueError(f"lattice.arpa_path {self.arpa_path!r} is not a file")
+        return self
 
 
 class DlmSpeculativeConfig(BaseModel):
@@ -55,6 +127,32 @@ class DlmSpeculativeConfig(BaseModel):
         description="Keep only this many most recent context tokens in the drafter's input; "
         "default: the drafter's own context window.",
     )
+
+    controller: ControllerSettings = Field(
+        default_factory=ControllerSettings,
+        description='Per-request draft-length controller: a name or {"name": ..., options}.',
+    )
+
+    lattice: LatticeSettings = Field(
+        default_factory=LatticeSettings,
+        description="CPS over the drafter's candidates: true, or an object of lattice settings.",
+    )
+
+    @model_validator(mode="after")
+    def _controller_options_fit(self) -> DlmSpeculativeConfig:
+        parameters = inspect.signature(CONTROLLERS[self.controller.name]).parameters
+        allowed = sorted(set(parameters) - {"max_length"})
+        unknown = sorted(set(self.controller.options) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"controller {self.controller.name!r} has no option {', '.join(unknown)}; "
+                f"its options: {', '.join(allowed) or 'none'}"
+            )
+        try:
+            self.controller.build(self.num_speculative_tokens)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"controller {self.controller.name!r}: {err}") from None
+        return self
 
     @classmethod
     def from_user_dict(cls, raw: dict[str, Any]) -> DlmSpeculativeConfig:
@@ -107,15 +205,13 @@ def _describe_validation_error(err: ValidationError) -> str:
     allowed = ", ".join(DlmSpeculativeConfig.model_fields)
     lines = []
     for problem in err.errors():
-        field = ".".join(str(part) for part in problem["loc"]) or "(config)"
-        if problem["type"] == "extra_forbidden":
-            lines.append(
-                f"unknown field '{field}' for method 'dlm'; allowed fields: {allowed}"
-            )
+        field = ".".join(str(part) for part in problem["loc"])
+        if not field:
+            lines.append(problem["msg"].removeprefix("Value error, "))
+        elif problem["type"] == "extra_forbidden":
+            lines.append(f"unknown field '{field}' for method 'dlm'; allowed fields: {allowed}")
         elif problem["type"] == "missing":
             lines.append(f"field '{field}' is required for method 'dlm'")
         else:
-            lines.append(
-                f"field '{field}': {problem['msg']} (got {problem.get('input')!r})"
-            )
+            lines.append(f"field '{field}': {problem['msg']} (got {problem.get('input')!r})")
     return "invalid --speculative-config for method 'dlm': " + "; ".join(lines)

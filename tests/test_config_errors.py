@@ -1,0 +1,125 @@
+"""Every bad `dlm` setting fails while vLLM builds its config, before any engine starts,
+with a message that names the setting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from dlmspec_vllm.config import DlmConfigError, DlmSpeculativeConfig
+from dlmspec_vllm.drafters.loading import DrafterLoadError
+
+
+def build_config(tiny_pair, speculative_config):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(
+        model=str(tiny_pair.target_dir),
+        speculative_config=speculative_config,
+        max_model_len=256,
+        enforce_eager=True,
+        dtype="float32",
+    )
+    return args.create_engine_config()
+
+
+def dlm(tiny_pair, **overrides):
+    return {
+        "method": "dlm",
+        "draft_model": str(tiny_pair.drafter_dir),
+        "num_speculative_tokens": 4,
+        **overrides,
+    }
+
+
+def test_valid_config_becomes_our_proposer_with_settings_attached(tiny_pair):
+    from dlmspec_vllm.integration.speculative_config import attached_settings
+
+    config = build_config(tiny_pair, dlm(tiny_pair, draft_dtype="float32"))
+    spec = config.speculative_config
+    assert spec.method == "custom_class"
+    assert spec.model == "dlmspec_vllm.proposer.DlmProposer"
+    assert spec.num_speculative_tokens == 4
+    settings = attached_settings(spec)
+    assert settings == DlmSpeculativeConfig(
+        draft_model=str(tiny_pair.drafter_dir), num_speculative_tokens=4, draft_dtype="float32"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"bogus": 1}, "unknown field 'bogus'"),
+        ({"num_speculative_tokens": 0}, "field 'num_speculative_tokens'"),
+        ({"num_speculative_tokens": 129}, "field 'num_speculative_tokens'"),
+        ({"draft_dtype": "int8"}, "field 'draft_dtype'"),
+        ({"max_draft_context": -5}, "field 'max_draft_context'"),
+    ],
+)
+def test_bad_values_name_the_field(tiny_pair, overrides, expected):
+    with pytest.raises(DlmConfigError, match=expected):
+        build_config(tiny_pair, dlm(tiny_pair, **overrides))
+
+
+def test_missing_draft_model(tiny_pair):
+    with pytest.raises(DlmConfigError, match="field 'draft_model' is required"):
+        build_config(tiny_pair, {"method": "dlm", "num_speculative_tokens": 4})
+
+
+def test_draft_model_that_does_not_exist(tiny_pair, tmp_path):
+    with pytest.raises(DrafterLoadError, match="draft_model path .* does not exist"):
+        build_config(tiny_pair, dlm(tiny_pair, draft_model=str(tmp_path / "nowhere")))
+
+
+def test_autoregressive_checkpoint_is_not_a_drafter(tiny_pair):
+    with pytest.raises(DrafterLoadError, match="autoregressive model.*diffusion"):
+        build_config(tiny_pair, dlm(tiny_pair, draft_model=str(tiny_pair.target_dir)))
+
+
+def test_drafter_without_weights(tiny_pair, tmp_path):
+    broken = tmp_path / "drafter"
+    shutil.copytree(tiny_pair.drafter_dir, broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(DrafterLoadError, match="has no weights"):
+        build_config(tiny_pair, dlm(tiny_pair, draft_model=str(broken)))
+
+
+def test_drafter_with_another_tokenizer(tiny_pair, tmp_path):
+    """Two regular tokens swap ids: same vocabulary size, different meaning of the ids."""
+    other = tmp_path / "drafter"
+    shutil.copytree(tiny_pair.drafter_dir, other)
+    tokenizer_file = other / "tokenizer.json"
+    tokenizer = json.loads(tokenizer_file.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[300:302]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    tokenizer_file.write_text(json.dumps(tokenizer))
+    for stale in ("vocab.json", "merges.txt"):
+        (other / stale).unlink(missing_ok=True)
+    with pytest.raises(DlmConfigError, match="tokenizer mismatch: 2 tokens"):
+        build_config(tiny_pair, dlm(tiny_pair, draft_model=str(other)))
+
+
+def test_other_methods_pass_through_untouched(tiny_pair):
+    config = build_config(
+        tiny_pair, {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}
+    )
+    assert config.speculative_config.method == "ngram"
+
+
+def test_custom_class_settings_come_from_the_environment(monkeypatch, tiny_pair):
+    monkeypatch.delenv("DLMSPEC_CONFIG", raising=False)
+    with pytest.raises(DlmConfigError, match="DLMSPEC_CONFIG, which is not set"):
+        DlmSpeculativeConfig.from_environment(4)
+    monkeypatch.setenv("DLMSPEC_CONFIG", json.dumps({"draft_model": "x", "bogus": 1}))
+    with pytest.raises(DlmConfigError, match="unknown field 'bogus'"):
+        DlmSpeculativeConfig.from_environment(4)
+    monkeypatch.setenv(
+        "DLMSPEC_CONFIG", json.dumps({"draft_model": "x", "num_speculative_tokens": 8})
+    )
+    with pytest.raises(DlmConfigError, match="give it in one place"):
+        DlmSpeculativeConfig.from_environment(4)
+    monkeypatch.setenv("DLMSPEC_CONFIG", json.dumps({"draft_model": "x"}))
+    assert DlmSpeculativeConfig.from_environment(4).num_speculative_tokens == 4

