@@ -109,3 +109,90 @@ def test_custom_class_route_reads_the_same_settings(tiny_pair, no_speculation):
     result = run_in_subprocess(job, extra_env={"DLMSPEC_CONFIG": settings})
     assert result.batches[0].token_ids == no_speculation.batches[0].token_ids
     assert result.spec_decode["num_accepted_tokens"] > 0
+
+
+CHURN_REQUESTS = 300
+
+
+@pytest.fixture(scope="module")
+def with_adl(tiny_pair):
+    """ADL with small bounds, per-request vLLM metrics, then a few hundred short requests."""
+    churn = Batch(
+        prompts=[f"x = {i}\n" for i in range(CHURN_REQUESTS)],
+        sampling=SamplingSettings(max_tokens=3),
+    )
+    job = EngineJob(
+        model=str(tiny_pair.target_dir),
+        speculative_config={
+            **dlm_config(tiny_pair, k=12),
+            "controller": {"name": "adl", "k_min": 2, "k_max": 12, "delta": 4},
+        },
+        engine_kwargs={**ENGINE, "per_request_spec_decode_metrics": "detailed"},
+        batches=[greedy_batches()[1], churn],
+        report_proposer=True,
+    )
+    return run_in_subprocess(job)
+
+
+def test_adl_is_lossless_and_state_is_freed_after_hundreds_of_requests(no_speculation, with_adl):
+    assert with_adl.batches[0].token_ids == no_speculation.batches[1].token_ids
+    assert len(with_adl.batches[1].token_ids) == CHURN_REQUESTS
+    report = with_adl.proposer
+    assert report["controller"]["controller"] == "adl"
+    assert report["controller"]["steps"] > CHURN_REQUESTS
+    assert report["num_tracked_requests"] == 0
+
+
+def test_adl_lengths_reach_vllms_per_request_metrics(with_adl):
+    per_request = with_adl.batches[0].spec_decode_per_request
+    assert all(m is not None for m in per_request)
+    drafted = [length for m in per_request for length in m["per_step_drafted"]]
+    # ADL starts at k_max (12) and moves with acceptance: more than one length is used.
+    assert drafted[0] == 12
+    assert len(set(drafted)) > 1
+    assert max(drafted) <= 12
+
+
+def controller_run(tiny_pair, controller: dict):
+    job = EngineJob(
+        model=str(tiny_pair.target_dir),
+        speculative_config={**dlm_config(tiny_pair, k=12), "controller": controller},
+        engine_kwargs=ENGINE,
+        batches=greedy_batches()[1:],
+        report_proposer=True,
+    )
+    return run_in_subprocess(job)
+
+
+def test_failfast_is_lossless_and_lengths_differ_within_a_step(tiny_pair, no_speculation):
+    # The tiny drafter is unsure of itself (top probability often < 0.3): a low threshold
+    # lets confident requests extend while the others stop, within the same steps.
+    result = controller_run(
+        tiny_pair,
+        {"name": "failfast", "start_length": 2, "increment": 3, "threshold": 0.1, "length_cap": 12},
+    )
+    assert result.batches[0].token_ids == no_speculation.batches[1].token_ids
+    assert result.spec_decode["num_accepted_tokens"] > 0
+    steps = result.proposer["recent_step_lengths"]
+    assert any(len(set(step.values())) > 1 for step in steps if len(step) > 1)
+    assert result.proposer["controller"]["extensions"] > 0
+    assert result.proposer["num_tracked_requests"] == 0
+
+
+def test_cost_aware_is_lossless_and_learns_costs(tiny_pair, no_speculation):
+    result = controller_run(tiny_pair, {"name": "cost_aware"})
+    assert result.batches[0].token_ids == no_speculation.batches[1].token_ids
+    assert result.proposer["controller"]["cost_samples"] > 0
+    assert result.proposer["num_tracked_requests"] == 0
+
+
+def test_lattice_path_search_is_lossless(tiny_pair, no_speculation):
+    job = EngineJob(
+        model=str(tiny_pair.target_dir),
+        speculative_config={**dlm_config(tiny_pair, k=6), "lattice": {"enabled": True}},
+        engine_kwargs=ENGINE,
+        batches=greedy_batches(),
+    )
+    result = run_in_subprocess(job)
+    assert [b.token_ids for b in result.batches] == [b.token_ids for b in no_speculation.batches]
+    assert result.spec_decode["num_accepted_tokens"] > 0

@@ -52,6 +52,7 @@ class EngineJob(BaseModel):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     batches: list[Batch]
     warmup: bool = True
+    report_proposer: bool = False
 
 
 class BatchResult(BaseModel):
@@ -59,6 +60,8 @@ class BatchResult(BaseModel):
     texts: list[str]
     seconds: float
     generated_tokens: int
+    # vLLM's per-request spec-decode metrics, when the engine was asked for them.
+    spec_decode_per_request: list[dict[str, Any] | None] = Field(default_factory=list)
 
 
 class EngineResult(BaseModel):
@@ -66,6 +69,7 @@ class EngineResult(BaseModel):
     spec_decode: dict[str, float]
     accepted_per_position: list[float]
     startup_seconds: float
+    proposer: dict[str, Any] | None = None
 
 
 def run_job(job: EngineJob) -> EngineResult:
@@ -105,17 +109,30 @@ def run_job(job: EngineJob) -> EngineResult:
                 texts=[o.outputs[0].text for o in outputs],
                 seconds=seconds,
                 generated_tokens=sum(len(t) for t in token_ids),
+                spec_decode_per_request=[
+                    m.to_dict() if (m := o.outputs[0].spec_decode_metrics) else None
+                    for o in outputs
+                ],
             )
         )
     after = _spec_decode_counters(llm)
     counters = {name: after[0].get(name, 0.0) - before[0].get(name, 0.0) for name in after[0]}
     earlier = before[1] + [0.0] * (len(after[1]) - len(before[1]))
     per_position = [a - b for a, b in zip(after[1], earlier)]
+    proposer = None
+    if job.report_proposer:
+        from dlmspec_vllm.integration.inspection import proposer_report
+
+        # vLLM announces finished requests to its workers in the engine step after they end;
+        # a server loop always runs it, `LLM.generate` returns before it, so run it here.
+        llm.llm_engine.step()
+        proposer = llm.collective_rpc(proposer_report)[0]
     return EngineResult(
         batches=results,
         spec_decode=counters,
         accepted_per_position=per_position,
         startup_seconds=startup,
+        proposer=proposer,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,10 @@ from dlmspec_vllm.lattice.chooser import PathChooser
 
 logger = logging.getLogger(__name__)
 
+# Recent steps whose per-request draft lengths are kept for inspection (bounded memory).
+RECENT_STEPS = 256
+LOG_INTERVAL_SECONDS = 10.0
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,7 +44,6 @@ class StepBatch:
 
     req_ids: list[str]
     scheduled_draft_counts: dict[str, int]
-    ended_req_ids: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -83,6 +87,8 @@ class DlmProposer:
         # EOS-aware raw length of each request's last draft (DiffuSpec's L_gen), read back
         # when vLLM reports how much of that draft it accepted.
         self._generated: dict[str, int] = {}
+        self.recent_step_lengths: deque[dict[str, int]] = deque(maxlen=RECENT_STEPS)
+        self._next_log = time.monotonic() + LOG_INTERVAL_SECONDS
         self._last_step_end: float | None = None
         self._last_draft_seconds = 0.0
         self._last_mean_draft = 0.0
@@ -110,9 +116,14 @@ class DlmProposer:
         )
 
     def begin_step(self, step: StepBatch) -> None:
-        for req_id in step.ended_req_ids:
-            self._forget(req_id)
         self._step = step
+
+    def forget_requests(self, req_ids: set[str]) -> None:
+        """Drop every per-request state of requests that finished or were preempted."""
+        for req_id in req_ids:
+            self._generated.pop(req_id, None)
+            self.controller.forget(req_id)
+            self.chooser.forget(req_id)
 
     @property
     def num_tracked_requests(self) -> int:
@@ -159,11 +170,39 @@ class DlmProposer:
             keep = self.controller.clip(request.req_id, request.confidences)
             drafts[request.row] = request.tokens[:keep]
 
+        if pending:
+            self.recent_step_lengths.append({r.req_id: len(drafts[r.row]) for r in pending})
+        self._log_summary_now_and_then()
         finished = time.perf_counter()
         self._last_draft_seconds = finished - started
         self._last_mean_draft = sum(len(d) for d in drafts) / len(pending) if pending else 0.0
         self._last_step_end = finished
         return drafts
+
+    def report(self) -> dict[str, Any]:
+        """Controller totals, per-request state size and recent per-step draft lengths."""
+        return {
+            "controller": self.controller.stats().as_dict(),
+            "num_tracked_requests": self.num_tracked_requests,
+            "recent_step_lengths": list(self.recent_step_lengths),
+        }
+
+    def _log_summary_now_and_then(self) -> None:
+        now = time.monotonic()
+        if now < self._next_log:
+            return
+        self._next_log = now + LOG_INTERVAL_SECONDS
+        stats = self.controller.stats()
+        logger.info(
+            "dlm %s controller: %d verified drafts, mean sent length %.2f, mean accepted %.2f "
+            "(acceptance %.1f%%), %d requests tracked",
+            stats.controller,
+            stats.steps,
+            stats.mean_length,
+            stats.mean_accepted,
+            100 * stats.acceptance_rate,
+            self.num_tracked_requests,
+        )
 
     def _draft_in_passes(self, pending: list[_Drafting]) -> None:
         """First pass for every request, then further passes for those the controller extends;
@@ -217,11 +256,6 @@ class DlmProposer:
                 verify_seconds=(now - self._last_step_end) / batch,
                 verify_tokens=round(1 + sum(verified) / batch),
             )
-
-    def _forget(self, req_id: str) -> None:
-        self._generated.pop(req_id, None)
-        self.controller.forget(req_id)
-        self.chooser.forget(req_id)
 
 
 def _eos_ids(hf_config: Any) -> frozenset[int]:

@@ -11,10 +11,10 @@ logger = logging.getLogger(__name__)
 
 def all_patches() -> list[type]:
     """The patches, imported only once the vLLM version is known to be supported."""
-    from dlmspec_vllm.integration.model_runner import GPUModelRunnerProposeDraftTokenIdsPatch
+    from dlmspec_vllm.integration.model_runner import GPUModelRunnerPatch
     from dlmspec_vllm.integration.speculative_config import EngineArgsSpeculativeConfigPatch
 
-    return [EngineArgsSpeculativeConfigPatch, GPUModelRunnerProposeDraftTokenIdsPatch]
+    return [EngineArgsSpeculativeConfigPatch, GPUModelRunnerPatch]
 
 
 def install() -> None:
