@@ -123,3 +123,9 @@ def test_custom_class_settings_come_from_the_environment(monkeypatch, tiny_pair)
         DlmSpeculativeConfig.from_environment(4)
     monkeypatch.setenv("DLMSPEC_CONFIG", json.dumps({"draft_model": "x"}))
     assert DlmSpeculativeConfig.from_environment(4).num_speculative_tokens == 4
+
+
+def test_forcing_the_v2_model_runner_is_refused(monkeypatch, tiny_pair):
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(DlmConfigError, match="V1 model runner.*VLLM_USE_V2_MODEL_RUNNER"):
+        build_config(tiny_pair, dlm(tiny_pair))

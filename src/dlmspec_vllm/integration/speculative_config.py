@@ -9,11 +9,17 @@ to the engine-core and worker processes).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from vllm.engine.arg_utils import EngineArgs
 
-from dlmspec_vllm.config import METHOD_NAME, PROPOSER_CLASS_PATH, DlmSpeculativeConfig
+from dlmspec_vllm.config import (
+    METHOD_NAME,
+    PROPOSER_CLASS_PATH,
+    DlmConfigError,
+    DlmSpeculativeConfig,
+)
 from dlmspec_vllm.integration.patching import MethodPatch
 from dlmspec_vllm.pairing import check_drafter_pairing
 
@@ -38,6 +44,12 @@ class EngineArgsSpeculativeConfigPatch(MethodPatch):
         if not (isinstance(raw, dict) and raw.get("method") == METHOD_NAME):
             return original(self, target_model_config, target_parallel_config)
 
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").lower() in ("1", "true"):
+            # vLLM's V2 runner has no custom_class proposers; by default vLLM picks V1 for it.
+            raise DlmConfigError(
+                "method 'dlm' runs on vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER=1 "
+                "forces V2: unset it (or set it to 0)."
+            )
         settings = DlmSpeculativeConfig.from_user_dict(
             {key.replace("-", "_"): value for key, value in raw.items()}
         )
