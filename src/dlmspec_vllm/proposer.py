@@ -87,6 +87,7 @@ class DlmProposer:
         # EOS-aware raw length of each request's last draft (DiffuSpec's L_gen), read back
         # when vLLM reports how much of that draft it accepted.
         self._generated: dict[str, int] = {}
+        self.failed_draft_steps = 0
         self.recent_step_lengths: deque[dict[str, int]] = deque(maxlen=RECENT_STEPS)
         self._next_log = time.monotonic() + LOG_INTERVAL_SECONDS
         self._last_step_end: float | None = None
@@ -164,7 +165,12 @@ class DlmProposer:
                 pending.append(_Drafting(row, req_id, context, room, length))
 
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
-        self._draft_in_passes(pending)
+        try:
+            self._draft_in_passes(pending)
+        except Exception:
+            # A failed draft must not fail the requests: this step simply has no drafts.
+            self._report_draft_failure()
+            pending = []
         for request in pending:
             self._generated[request.req_id] = _length_before_eos(request.tokens, self.eos_token_ids)
             keep = self.controller.clip(request.req_id, request.confidences)
@@ -179,11 +185,17 @@ class DlmProposer:
         self._last_step_end = finished
         return drafts
 
+    def _report_draft_failure(self) -> None:
+        self.failed_draft_steps += 1
+        if self.failed_draft_steps == 1:
+            logger.exception("dlm drafter failed; drafting nothing this step (logged once)")
+
     def report(self) -> dict[str, Any]:
         """Controller totals, per-request state size and recent per-step draft lengths."""
         return {
             "controller": self.controller.stats().as_dict(),
             "num_tracked_requests": self.num_tracked_requests,
+            "failed_draft_steps": self.failed_draft_steps,
             "recent_step_lengths": list(self.recent_step_lengths),
         }
 

@@ -1,0 +1,120 @@
+"""The proposer's bookkeeping, driven step by step as vLLM's runner drives it, with a scripted
+drafter: which rows draft, how acceptance reaches the controller, EOS, failures, state."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from dlmspec_vllm.config import DlmSpeculativeConfig
+from dlmspec_vllm.drafters.base import DraftBlock
+from dlmspec_vllm.integration.speculative_config import SETTINGS_ATTRIBUTE
+from dlmspec_vllm.proposer import DlmProposer, StepBatch
+
+VOCAB, EOS, MAX_LEN = 32, 0, 64
+
+
+class ScriptedDrafter:
+    """Drafts token (last context token + 1 + j) with confidence 0.9 at position j."""
+
+    target_vocab_size = VOCAB
+    max_context_length = MAX_LEN
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[list[int]], list[int]]] = []
+        self.fail = False
+
+    def draft(self, contexts, lengths) -> DraftBlock:
+        if self.fail:
+            raise RuntimeError("drafter exploded")
+        self.calls.append(([list(c) for c in contexts], list(lengths)))
+        logits = torch.full((len(contexts), max(lengths), VOCAB), -10.0)
+        for b, (context, length) in enumerate(zip(contexts, lengths)):
+            for j in range(length):
+                logits[b, j, (context[-1] + 1 + j) % VOCAB] = 10.0
+        return DraftBlock(logits=logits, lengths=list(lengths))
+
+
+def make_proposer(**settings) -> tuple[DlmProposer, ScriptedDrafter]:
+    config = DlmSpeculativeConfig(draft_model="unused", **settings)
+    speculative_config = SimpleNamespace(num_speculative_tokens=config.num_speculative_tokens)
+    setattr(speculative_config, SETTINGS_ATTRIBUTE, config.model_dump_json())
+    model_config = SimpleNamespace(
+        max_model_len=MAX_LEN,
+        dtype=torch.float32,
+        hf_text_config=SimpleNamespace(eos_token_id=EOS),
+        get_vocab_size=lambda: VOCAB,
+    )
+    proposer = DlmProposer(
+        SimpleNamespace(speculative_config=speculative_config, model_config=model_config)
+    )
+    proposer.drafter = drafter = ScriptedDrafter()
+    return proposer, drafter
+
+
+def step(proposer, rows: dict[str, list[int]], sampled: dict[str, list[int]], scheduled=None):
+    """One engine step: rows maps request id -> its tokens so far (prompt + output)."""
+    req_ids = list(rows)
+    token_ids = np.zeros((len(rows), MAX_LEN), dtype=np.int64)
+    for i, tokens in enumerate(rows.values()):
+        token_ids[i, : len(tokens)] = tokens
+    proposer.begin_step(StepBatch(req_ids, scheduled or {}))
+    return proposer.propose(
+        [sampled[r] for r in req_ids],
+        np.array([len(t) for t in rows.values()]),
+        token_ids,
+    )
+
+
+def test_fixed_length_drafts_for_every_decoding_row_and_skips_prefill_chunks():
+    proposer, drafter = make_proposer(num_speculative_tokens=3)
+    drafts = step(proposer, {"a": [5, 6], "b": [9], "c": [1, 2, 3]}, {"a": [6], "b": [], "c": [3]})
+    assert drafts == [[7, 8, 9], [], [4, 5, 6]]
+    assert drafter.calls == [([[5, 6], [1, 2, 3]], [3, 3])]
+
+
+def test_acceptance_of_the_scheduled_draft_reaches_the_controller():
+    proposer, _ = make_proposer(num_speculative_tokens=3)
+    step(proposer, {"a": [5]}, {"a": [5]})
+    # vLLM scheduled 3 drafts for "a" and sampled 2 tokens: 1 draft accepted plus the bonus.
+    step(proposer, {"a": [5, 6, 7]}, {"a": [6, 7]}, scheduled={"a": 3})
+    stats = proposer.controller.stats()
+    assert (stats.steps, stats.drafted_tokens, stats.accepted_tokens) == (1, 3, 1)
+
+
+def test_draft_stops_after_eos_and_room_caps_the_length():
+    proposer, _ = make_proposer(num_speculative_tokens=5)
+    # Drafts 30, 31, 0 (= EOS) ...: nothing after an EOS is sent.
+    assert step(proposer, {"a": [29]}, {"a": [29]}) == [[30, 31, EOS]]
+    near_end = [3] * (MAX_LEN - 2)
+    assert step(proposer, {"b": near_end}, {"b": [3]}) == [[4, 5]]
+
+
+def test_failfast_extends_the_same_draft_in_a_further_pass():
+    proposer, drafter = make_proposer(
+        num_speculative_tokens=6,
+        controller={"name": "failfast", "start_length": 2, "increment": 2, "length_cap": 6},
+    )
+    assert step(proposer, {"a": [1]}, {"a": [1]}) == [[2, 3, 4, 5, 6, 7]]
+    # Each further pass drafts after the tokens already drafted, it does not start over.
+    assert [call[0][0] for call in drafter.calls] == [[1], [1, 2, 3], [1, 2, 3, 4, 5]]
+
+
+def test_a_drafter_failure_means_no_draft_this_step_not_a_failed_request():
+    proposer, drafter = make_proposer(num_speculative_tokens=3)
+    drafter.fail = True
+    assert step(proposer, {"a": [1], "b": [2]}, {"a": [1], "b": [2]}) == [[], []]
+    drafter.fail = False
+    assert step(proposer, {"a": [1, 4]}, {"a": [4]}) == [[5, 6, 7]]
+    assert proposer.report()["failed_draft_steps"] == 1
+
+
+def test_state_of_ended_requests_is_dropped():
+    proposer, _ = make_proposer(num_speculative_tokens=3, controller="adl", lattice=True)
+    for i in range(50):
+        step(proposer, {f"r{i}": [1, 2]}, {f"r{i}": [2]})
+    assert proposer.num_tracked_requests == 50
+    proposer.forget_requests({f"r{i}" for i in range(50)})
+    assert proposer.num_tracked_requests == 0
