@@ -1,7 +1,7 @@
 """Shared test fixtures.
 
 ``tiny_pair`` (session-scoped) is a tiny target/drafter pair in the exact Hugging Face layout,
-built offline once per run (see fixtures/tiny_pair.py for the recipe):
+built offline once per run (see src/dlmspec_vllm/tiny_pair.py for the recipe; the demo uses it too):
 
 - ``tiny_pair.target_dir``: Qwen2ForCausalLM checkpoint + tokenizer. It is also the ready-made
   "wrong drafter" for error tests: a plain autoregressive checkpoint.
@@ -10,6 +10,11 @@ built offline once per run (see fixtures/tiny_pair.py for the recipe):
 The build takes 45-55 s on two cores (one thread). Set DLMSPEC_TEST_CACHE=/some/dir to keep the pair
 between runs; it is stored under a key hashed from the recipe, the code it runs and the corpus,
 so editing any of them rebuilds it.
+
+``tiny_fast_dllm`` and ``tiny_llada`` (session-scoped, built in seconds, see
+fixtures/tiny_drafters.py) are the other two drafter families in their released layouts: a
+Fast-dLLM v2 drafter sharing the pair's tokenizer, and a LLaDA drafter with a tokenizer of its
+own, which drafts for the pair's target only through the vocabulary bridge.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from fixtures.tiny_pair import TinyPair
+    from fixtures.tiny_drafters import TinyDrafter
+
+    from dlmspec_vllm.tiny_pair import TinyPair
 
 # Tests never reach the Hugging Face hub; fail fast instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +39,7 @@ _REPORT: list[str] = []
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> TinyPair:
     # Imported here so that sessions which never use the pair do not import transformers early.
-    from fixtures.tiny_pair import build_tiny_pair, cached_tiny_pair
+    from dlmspec_vllm.tiny_pair import build_tiny_pair, cached_tiny_pair
 
     cache = os.environ.get("DLMSPEC_TEST_CACHE")
     if cache:
@@ -44,6 +51,20 @@ def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> TinyPair:
         f"tiny_pair: {how} ({pair.build_seconds:.1f}s to build) at {pair.target_dir.parent}"
     )
     return pair
+
+
+@pytest.fixture(scope="session")
+def tiny_fast_dllm(tiny_pair: TinyPair, tmp_path_factory: pytest.TempPathFactory) -> TinyDrafter:
+    from fixtures.tiny_drafters import build_tiny_fast_dllm
+
+    return build_tiny_fast_dllm(tiny_pair, tmp_path_factory.mktemp("tiny_fast_dllm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llada(tmp_path_factory: pytest.TempPathFactory) -> TinyDrafter:
+    from fixtures.tiny_drafters import build_tiny_llada
+
+    return build_tiny_llada(tmp_path_factory.mktemp("tiny_llada"))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -86,19 +86,48 @@ def test_drafter_without_weights(tiny_pair, tmp_path):
         build_config(tiny_pair, dlm(tiny_pair, draft_model=str(broken)))
 
 
-def test_drafter_with_another_tokenizer(tiny_pair, tmp_path):
-    """Two regular tokens swap ids: same vocabulary size, different meaning of the ids."""
+def copy_drafter_with_tokenizer_edit(tiny_pair, tmp_path, edit) -> str:
     other = tmp_path / "drafter"
     shutil.copytree(tiny_pair.drafter_dir, other)
     tokenizer_file = other / "tokenizer.json"
     tokenizer = json.loads(tokenizer_file.read_text())
-    vocab = tokenizer["model"]["vocab"]
-    first, second = sorted(vocab, key=vocab.get)[300:302]
-    vocab[first], vocab[second] = vocab[second], vocab[first]
+    edit(tokenizer)
     tokenizer_file.write_text(json.dumps(tokenizer))
     for stale in ("vocab.json", "merges.txt"):
         (other / stale).unlink(missing_ok=True)
-    with pytest.raises(DlmConfigError, match="tokenizer mismatch: 2 tokens"):
+    return str(other)
+
+
+def swap_two_ids(tokenizer):
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[300:302]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+
+
+def test_drafter_with_other_token_ids_is_bridged(tiny_pair, tmp_path, caplog):
+    """Two regular tokens swap ids: text still round-trips, so the vocabulary bridge serves."""
+    other = copy_drafter_with_tokenizer_edit(tiny_pair, tmp_path, swap_two_ids)
+    config = build_config(tiny_pair, dlm(tiny_pair, draft_model=other))
+    assert config.speculative_config.method == "custom_class"
+    assert "vocabulary bridge" in caplog.text
+
+
+def test_drafter_whose_tokenizer_cannot_carry_the_text(tiny_pair, tmp_path):
+    """Other ids behind a lower-casing normalizer: ids cannot be shared and "Hello" comes back
+    as "hello", so no bridge can work either; refused before the engine starts."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    other = tmp_path / "drafter"
+    shutil.copytree(tiny_pair.drafter_dir, other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    swap_two_ids(spec)
+    spec["normalizer"] = {"type": "Lowercase"}
+    lossy = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|endoftext|>"
+    )
+    lossy.save_pretrained(other)
+    with pytest.raises(DlmConfigError, match="cannot reproduce the target's text"):
         build_config(tiny_pair, dlm(tiny_pair, draft_model=str(other)))
 
 

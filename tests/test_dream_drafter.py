@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.tiny_pair import HELDOUT_FILES, TinyPair, stdlib_text
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
@@ -25,6 +24,7 @@ from transformers import (
 from dlmspec_vllm.drafters.base import DraftBlock
 from dlmspec_vllm.drafters.dream import DreamDrafter, DreamModel
 from dlmspec_vllm.drafters.loading import DrafterLoadError, load_drafter
+from dlmspec_vllm.tiny_pair import HELDOUT_FILES, TinyPair, stdlib_text
 from dlmspec_vllm.training import dream_from_causal_lm
 
 NEG_INF = float("-inf")

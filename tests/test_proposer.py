@@ -25,8 +25,12 @@ class ScriptedDrafter:
     def __init__(self) -> None:
         self.calls: list[tuple[list[list[int]], list[int]]] = []
         self.fail = False
+        self.forgotten: list[str] = []
 
-    def draft(self, contexts, lengths) -> DraftBlock:
+    def forget(self, req_id: str) -> None:
+        self.forgotten.append(req_id)
+
+    def draft(self, contexts, lengths, *, req_ids=None) -> DraftBlock:
         if self.fail:
             raise RuntimeError("drafter exploded")
         self.calls.append(([list(c) for c in contexts], list(lengths)))
@@ -43,6 +47,7 @@ def make_proposer(**settings) -> tuple[DlmProposer, ScriptedDrafter]:
     setattr(speculative_config, SETTINGS_ATTRIBUTE, config.model_dump_json())
     model_config = SimpleNamespace(
         max_model_len=MAX_LEN,
+        tokenizer="unused",
         dtype=torch.float32,
         hf_text_config=SimpleNamespace(eos_token_id=EOS),
         get_vocab_size=lambda: VOCAB,
@@ -112,9 +117,10 @@ def test_a_drafter_failure_means_no_draft_this_step_not_a_failed_request():
 
 
 def test_state_of_ended_requests_is_dropped():
-    proposer, _ = make_proposer(num_speculative_tokens=3, controller="adl", lattice=True)
+    proposer, drafter = make_proposer(num_speculative_tokens=3, controller="adl", lattice=True)
     for i in range(50):
         step(proposer, {f"r{i}": [1, 2]}, {f"r{i}": [2]})
     assert proposer.num_tracked_requests == 50
     proposer.forget_requests({f"r{i}" for i in range(50)})
     assert proposer.num_tracked_requests == 0
+    assert sorted(drafter.forgotten) == sorted(f"r{i}" for i in range(50))

@@ -101,6 +101,35 @@ class LatticeSettings(BaseModel):
         return self
 
 
+class DraftingSettings(BaseModel):
+    """How the drafter denoises a block and caches each request's context (drafters/)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    denoising_steps: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Drafter passes per draft; 1 takes every argmax at once.",
+    )
+    unmask_threshold: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="With several passes, fix every position at least this confident per pass "
+        "(FailFast: 0.05); null: an equal share per pass, most confident first.",
+    )
+    cache_refresh_interval: int = Field(
+        default=8,
+        ge=0,
+        description="Rebuild an approximate (Dream, LLaDA) prefix cache after this many draft "
+        "calls; 0 turns the per-request cache off.",
+    )
+    cache_max_tokens: int = Field(
+        default=65536, ge=0, description="Most context tokens cached over all requests (LRU)."
+    )
+
+
 class DlmSpeculativeConfig(BaseModel):
     """Settings of the `dlm` method, in the JSON users pass as `--speculative-config`."""
 
@@ -128,6 +157,10 @@ class DlmSpeculativeConfig(BaseModel):
         "default: the drafter's own context window.",
     )
 
+    drafting: DraftingSettings = Field(
+        default_factory=DraftingSettings,
+        description="Denoising passes and prefix cache of the drafter.",
+    )
     controller: ControllerSettings = Field(
         default_factory=ControllerSettings,
         description='Per-request draft-length controller: a name or {"name": ..., options}.',

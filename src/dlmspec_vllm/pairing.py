@@ -11,6 +11,11 @@ import logging
 from pathlib import Path
 
 from dlmspec_vllm.config import DlmConfigError
+from dlmspec_vllm.drafters.bridge import (
+    BridgePairingError,
+    check_bridge_pairing,
+    shares_vocabulary,
+)
 from dlmspec_vllm.drafters.loading import describe_checkpoint, resolve_checkpoint_dir
 
 logger = logging.getLogger(__name__)
@@ -25,14 +30,15 @@ def check_drafter_pairing(
     """Return the drafter's checkpoint directory once it is known to fit the target."""
     checkpoint = resolve_checkpoint_dir(draft_model)
     describe_checkpoint(checkpoint)
-    check_shared_tokenizer(checkpoint, target_tokenizer, trust_remote_code=trust_remote_code)
+    check_tokenizer_pairing(checkpoint, target_tokenizer, trust_remote_code=trust_remote_code)
     return checkpoint
 
 
-def check_shared_tokenizer(
+def check_tokenizer_pairing(
     drafter_dir: Path, target_tokenizer: str, *, trust_remote_code: bool = False
 ) -> None:
-    """Every regular token of the target must have the same id in the drafter's tokenizer."""
+    """The drafter shares the target's token ids, or text round-trips between the two
+    tokenizers so that the vocabulary bridge can carry contexts and drafts."""
     from transformers import AutoTokenizer
 
     try:
@@ -48,22 +54,27 @@ def check_shared_tokenizer(
         target_tokenizer, trust_remote_code=trust_remote_code
     )
 
+    if not shares_vocabulary(target_tok, drafter_tok):
+        try:
+            check_bridge_pairing(target_tok, drafter_tok)
+        except BridgePairingError as err:
+            raise DlmConfigError(
+                f"{err} (target tokenizer {target_tokenizer}, draft_model {drafter_dir})"
+            ) from None
+        logger.warning(
+            "draft_model %s has its own tokenizer: drafting for %s through the vocabulary "
+            "bridge (detokenize, retokenize), which costs acceptance",
+            drafter_dir,
+            target_tokenizer,
+        )
+        return
     drafter_vocab = drafter_tok.get_vocab()
     added = set(target_tok.get_added_vocab())
-    mismatched_regular = []
-    mismatched_added = []
-    for token, token_id in target_tok.get_vocab().items():
-        if drafter_vocab.get(token) == token_id:
-            continue
-        (mismatched_added if token in added else mismatched_regular).append(token)
-    if mismatched_regular:
-        examples = ", ".join(repr(t) for t in sorted(mismatched_regular)[:5])
-        raise DlmConfigError(
-            f"tokenizer mismatch: {len(mismatched_regular)} tokens of the target's tokenizer "
-            f"({target_tokenizer}) have other ids in the draft_model's tokenizer ({drafter_dir}), "
-            f"e.g. {examples}. Use a draft_model trained with the target's tokenizer (Dream and "
-            "Fast-dLLM v2 pair with Qwen2.5 targets)."
-        )
+    mismatched_added = [
+        token
+        for token, token_id in target_tok.get_vocab().items()
+        if token in added and drafter_vocab.get(token) != token_id
+    ]
     if mismatched_added:
         logger.warning(
             "draft_model tokenizer lacks or renumbers %d of the target's added tokens (%s); "

@@ -25,7 +25,7 @@ import torch
 
 from dlmspec_vllm.config import DlmSpeculativeConfig
 from dlmspec_vllm.control import CostAwareController, LengthController
-from dlmspec_vllm.drafters.base import Drafter
+from dlmspec_vllm.drafters.base import Drafter, DraftingOptions
 from dlmspec_vllm.drafters.loading import load_drafter, resolve_checkpoint_dir
 from dlmspec_vllm.lattice.chooser import PathChooser
 
@@ -74,6 +74,7 @@ class DlmProposer:
         self.target_vocab_size: int = model_config.get_vocab_size()
         self.target_dtype: torch.dtype = model_config.dtype
         self.eos_token_ids = _eos_ids(model_config.hf_text_config)
+        self.target_tokenizer: str = model_config.tokenizer
         self.controller: LengthController = self.settings.controller.build(
             self.settings.num_speculative_tokens
         )
@@ -106,6 +107,8 @@ class DlmProposer:
             target_vocab_size=self.target_vocab_size,
             device=device,
             dtype=dtype,
+            options=DraftingOptions(**self.settings.drafting.model_dump()),
+            target_tokenizer=self.target_tokenizer,
         )
         logger.info(
             "dlm drafter %s loaded on %s (%s); controller %s, at most %d draft tokens per step",
@@ -125,6 +128,8 @@ class DlmProposer:
             self._generated.pop(req_id, None)
             self.controller.forget(req_id)
             self.chooser.forget(req_id)
+            if self.drafter is not None:
+                self.drafter.forget(req_id)
 
     @property
     def num_tracked_requests(self) -> int:
@@ -224,7 +229,9 @@ class DlmProposer:
         while active:
             histories = [r.context + r.tokens for r in active]
             block = self.drafter.draft(
-                _clip_contexts(histories, self.settings), [r.next_length for r in active]
+                _clip_contexts(histories, self.settings),
+                [r.next_length for r in active],
+                req_ids=[r.req_id for r in active],
             )
             paths = self.chooser.choose(block, histories, [r.req_id for r in active])
             extended = []
@@ -234,6 +241,8 @@ class DlmProposer:
                 if _length_before_eos(request.tokens, self.eos_token_ids) < len(request.tokens):
                     _truncate_after_eos(request, self.eos_token_ids)
                     continue
+                if len(tokens) < request.next_length:
+                    continue  # the drafter gave less than asked (a bridge may): do not extend
                 more = self.controller.extension(request.req_id, request.confidences)
                 more = min(more, request.room - len(request.tokens))
                 if more > 0:

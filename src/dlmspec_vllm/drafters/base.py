@@ -1,4 +1,4 @@
-"""The one interface every diffusion drafter offers the proposer.
+"""The one interface every diffusion drafter offers the proposer, and the options it drafts with.
 
 A drafter sees target-vocabulary token ids only (a drafter with another tokenizer bridges
 internally) and returns, per request, logits over the target vocabulary for each drafted
@@ -37,12 +37,69 @@ class DraftBlock:
         return [row[:n] for row, n in zip(top, self.lengths)]
 
 
+@dataclass(frozen=True)
+class DraftingOptions:
+    """How a drafter denoises a block and keeps its per-request prefix cache.
+
+    denoising_steps: forward passes per draft call at most. One pass (the default) takes every
+        position's argmax at once; more passes unmask the confident positions first and let the
+        others see them, the way diffusion LMs generate.
+    unmask_threshold: with several passes, each pass fixes every still-masked position whose
+        top probability is >= this (at least the most confident one); FailFast uses 0.05.
+        None: each pass fixes an equal share of the remaining positions, most confident first.
+        The last pass fixes whatever is still masked, so a call never exceeds denoising_steps.
+    cache_refresh_interval: requests drafted with ``req_ids`` keep the keys/values of their
+        context between calls. 0 turns the cache off. For drafters whose cache is approximate
+        (bidirectional Dream, LLaDA: reused keys were computed before later tokens existed),
+        a request's cache is rebuilt from scratch once it has served this many calls; an exact
+        cache (Fast-dLLM v2's finished blocks) never goes stale and ignores the interval.
+    cache_max_tokens: most context tokens cached over all requests; the least recently used
+        requests are evicted first, so memory stays bounded whatever vLLM schedules.
+    """
+
+    denoising_steps: int = 1
+    unmask_threshold: float | None = None
+    cache_refresh_interval: int = 8
+    cache_max_tokens: int = 65536
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.denoising_steps, int) or self.denoising_steps < 1:
+            raise ValueError(f"denoising_steps must be an int >= 1, got {self.denoising_steps!r}")
+        threshold = self.unmask_threshold
+        if threshold is not None and not 0.0 < threshold <= 1.0:
+            raise ValueError(f"unmask_threshold must be in (0, 1] or None, got {threshold!r}")
+        if not isinstance(self.cache_refresh_interval, int) or self.cache_refresh_interval < 0:
+            raise ValueError(
+                f"cache_refresh_interval must be an int >= 0, got {self.cache_refresh_interval!r}"
+            )
+        if not isinstance(self.cache_max_tokens, int) or self.cache_max_tokens < 0:
+            raise ValueError(f"cache_max_tokens must be an int >= 0, got {self.cache_max_tokens!r}")
+
+    @property
+    def cache_enabled(self) -> bool:
+        return self.cache_refresh_interval > 0 and self.cache_max_tokens > 0
+
+
 class Drafter(Protocol):
     """A diffusion LM that drafts a block of tokens for each request in one call."""
 
     target_vocab_size: int
     max_context_length: int
 
-    def draft(self, contexts: Sequence[Sequence[int]], lengths: Sequence[int]) -> DraftBlock:
-        """Draft lengths[b] tokens after contexts[b] for every request b, batched."""
+    def draft(
+        self,
+        contexts: Sequence[Sequence[int]],
+        lengths: Sequence[int],
+        *,
+        req_ids: Sequence[str] | None = None,
+    ) -> DraftBlock:
+        """Draft lengths[b] tokens after contexts[b] for every request b, batched.
+
+        With ``req_ids`` the drafter may reuse what it cached for a request on earlier calls
+        (the keys/values of the longest token prefix the new context shares with the old).
+        """
+        ...
+
+    def forget(self, req_id: str) -> None:
+        """Drop everything cached for a request that finished or was preempted."""
         ...

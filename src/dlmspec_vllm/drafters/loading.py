@@ -12,11 +12,14 @@ import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dlmspec_vllm.drafters.base import Drafter
+from dlmspec_vllm.drafters.base import Drafter, DraftingOptions
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,12 @@ class DrafterFamily:
 
 DRAFTER_FAMILIES: tuple[DrafterFamily, ...] = (
     DrafterFamily("Dream", ("DreamModel",), "dlmspec_vllm.drafters.dream:DreamDrafter"),
+    DrafterFamily("llada", ("LLaDAModelLM",), "dlmspec_vllm.drafters.llada:LLaDADrafter"),
+    DrafterFamily(
+        "Fast_dLLM_Qwen",
+        ("Fast_dLLM_QwenForCausalLM",),
+        "dlmspec_vllm.drafters.fast_dllm_v2:FastDllmV2Drafter",
+    ),
 )
 
 
@@ -108,8 +117,15 @@ def load_drafter(
     target_vocab_size: int,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    options: DraftingOptions | None = None,
+    target_tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
 ) -> Drafter:
     """Load the diffusion drafter in ``path`` for a target with ``target_vocab_size`` token ids.
+
+    With ``target_tokenizer`` (the target's tokenizer, or its directory or id), a drafter whose
+    own tokenizer numbers the target's tokens differently is wrapped in a vocabulary bridge
+    (bridge.py), after checking that text survives both tokenizers; without it, the drafter is
+    assumed to share the target's vocabulary.
 
     Every check that needs no weights runs before any weights are read, so a wrong setting fails
     in milliseconds, not after minutes of loading.
@@ -124,10 +140,29 @@ def load_drafter(
     module_name, class_name = drafter_class_path(config, path).split(":")
     safetensors_files(path)
     drafter_cls = getattr(importlib.import_module(module_name), class_name)
+    tokenizers = None
+    if target_tokenizer is not None:
+        from dlmspec_vllm.drafters.bridge import tokenizers_to_bridge
+
+        tokenizers = tokenizers_to_bridge(target_tokenizer, path)
     drafter: Drafter = drafter_cls.from_pretrained(
-        path, target_vocab_size=target_vocab_size, device=device, dtype=dtype
+        path,
+        # A bridged drafter drafts in its own vocabulary; the bridge maps to the target's.
+        target_vocab_size=target_vocab_size if tokenizers is None else len(tokenizers[1]),
+        device=device,
+        dtype=dtype,
+        options=options,
     )
-    return drafter
+    if tokenizers is None:
+        return drafter
+    from dlmspec_vllm.drafters.bridge import BridgedDrafter
+
+    return BridgedDrafter(
+        drafter,
+        target_tokenizer=tokenizers[0],
+        drafter_tokenizer=tokenizers[1],
+        target_vocab_size=target_vocab_size,
+    )
 
 
 def resolve_checkpoint_dir(draft_model: str | Path) -> Path:
