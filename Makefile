@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(FIND_LINKS) "torch==2.13.0"
-	$(PY) -m pip install -q $(FIND_LINKS) -e ".[cpu,dev]"
+	$(PY) -m pip install -q $(FIND_LINKS) -e ".[cpu,targets,dev]"
 	# Their CUDA builds break `import transformers` next to the CPU torch (DESIGN.md, section 4).
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@

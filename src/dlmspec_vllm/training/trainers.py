@@ -130,6 +130,15 @@ def train_causal_lm(
     return optimize(model, loss_of, batches, steps=steps, lr=lr)
 
 
+def lr_factor(step: int, steps: int, warmup_fraction: float = 0.05) -> float:
+    """Learning-rate multiplier: linear warmup, then cosine decay to 10% of the peak."""
+    warmup = max(1, int(steps * warmup_fraction))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def optimize(
     model: nn.Module,
     loss_of: Callable[[torch.Tensor], torch.Tensor],
@@ -143,15 +152,9 @@ def optimize(
     """Minimise ``loss_of(batch)`` for exactly ``steps`` batches; returns the per-step losses."""
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = max(1, int(steps * warmup_fraction))
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps, warmup_fraction)
+    )
     model.train()
     losses = []
     for _ in range(steps):

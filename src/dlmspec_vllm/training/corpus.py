@@ -1,0 +1,211 @@
+"""Training text for drafters that exists on every machine: the Python standard library, and the
+target's own greedy answers to prompts cut from it.
+
+No data set can be downloaded where this project trains (no hub, no internet in CI), but every
+Python install carries its standard library: real code with real docstrings. A fixed file list in
+a fixed order makes the corpus a pure function of the Python version. The target's own greedy
+generations teach the drafter the target's chat behaviour, which is what speculative decoding is
+judged on: in a generated answer, the data's next token *is* the target's greedy choice.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import random
+import sysconfig
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# Fixed list, fixed order: the corpus is part of a trained drafter's recipe. Modules whose file
+# is the same name in Python 3.11 to 3.14 (no packages that moved between versions).
+STDLIB_FILES = (
+    "textwrap.py",
+    "string.py",
+    "heapq.py",
+    "bisect.py",
+    "fnmatch.py",
+    "glob.py",
+    "shlex.py",
+    "base64.py",
+    "csv.py",
+    "functools.py",
+    "contextlib.py",
+    "copy.py",
+    "abc.py",
+    "queue.py",
+    "sched.py",
+    "colorsys.py",
+    "argparse.py",
+    "dataclasses.py",
+    "enum.py",
+    "fractions.py",
+    "statistics.py",
+    "random.py",
+    "calendar.py",
+    "difflib.py",
+    "ipaddress.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "operator.py",
+    "shutil.py",
+    "tempfile.py",
+    "uuid.py",
+    "configparser.py",
+    "weakref.py",
+    "secrets.py",
+    "numbers.py",
+    "graphlib.py",
+    "html/parser.py",
+    "urllib/parse.py",
+    "collections/__init__.py",
+    "reprlib.py",
+    "traceback.py",
+    "warnings.py",
+    "tokenize.py",
+    "gettext.py",
+    "logging/__init__.py",
+)
+# Longest function source quoted in an "explain this code" prompt, in lines and characters.
+MAX_QUOTED_LINES, MAX_QUOTED_CHARS = 25, 1200
+
+
+def stdlib_documents(files: Sequence[str] = STDLIB_FILES) -> list[str]:
+    """The listed standard-library sources, read from this interpreter's installation."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    missing = [name for name in files if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"standard library files missing under {root}: {missing}")
+    return [(root / name).read_text(encoding="utf-8") for name in files]
+
+
+def generation_prompts(documents: Sequence[str], count: int, seed: int) -> list[str]:
+    """``count`` user requests built from the documents' documented functions, seeded.
+
+    Alternately "write this function" (name, arguments and the docstring's first paragraph) and
+    "explain this code" (the function's source), so the target answers both in prose and in code.
+    """
+    candidates: list[tuple[str, str, str]] = []
+    for text in documents:
+        lines = text.splitlines()
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            docstring = ast.get_docstring(node)
+            if not docstring or node.name.startswith("_"):
+                continue
+            summary = " ".join(docstring.split("\n\n")[0].split())
+            source = "\n".join(lines[node.lineno - 1 : node.end_lineno][:MAX_QUOTED_LINES])
+            signature = f"{node.name}({ast.unparse(node.args)})"
+            candidates.append((signature, summary, source[:MAX_QUOTED_CHARS]))
+    if count > len(candidates):
+        raise ValueError(f"{count} prompts asked for, {len(candidates)} documented functions found")
+    chosen = random.Random(seed).sample(candidates, count)
+    return [
+        f"Write a Python function `{signature}`. {summary}"
+        if i % 2 == 0
+        else f"Explain what this Python code does:\n\n```python\n{source}\n```"
+        for i, (signature, summary, source) in enumerate(chosen)
+    ]
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """A user message in the target's chat template, as the served model will see it."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool = True,
+) -> list[dict[str, list[int] | str]]:
+    """Per prompt: its chat-formatted ids and the target's greedy continuation (to EOS or
+    ``max_new_tokens``), batched with left padding."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
+    records: list[dict[str, list[int] | str]] = []
+    for start in tqdm(
+        range(0, len(prompts), batch_size), desc="target generations", disable=not progress
+    ):
+        batch = list(prompts[start : start + batch_size])
+        ids = [chat_prompt_ids(tokenizer, p) for p in batch]
+        width = max(len(row) for row in ids)
+        input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids], device=device)
+        attention = torch.tensor(
+            [[0] * (width - len(row)) + [1] * len(row) for row in ids], device=device
+        )
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        for prompt, prompt_ids, row in zip(batch, ids, output[:, width:].tolist()):
+            ends = [i for i, token in enumerate(row) if token in eos_ids]
+            records.append(
+                {"prompt": prompt, "prompt_ids": prompt_ids, "output_ids": row[: ends[0] + 1]}
+                if ends
+                else {"prompt": prompt, "prompt_ids": prompt_ids, "output_ids": row}
+            )
+    return records
+
+
+def cached_generations(
+    cache_file: Path,
+    key: dict[str, object],
+    produce: Callable[[], list[dict[str, list[int] | str]]],
+) -> tuple[list[dict[str, list[int] | str]], bool]:
+    """The records stored under ``key`` in ``cache_file``, else ``produce()``'s, stored there.
+
+    Returns (records, reused). A file written for another key (other prompts, target or
+    length) is replaced, so a resumed run never trains on generations of a different recipe.
+    """
+    if cache_file.is_file():
+        with cache_file.open() as handle:
+            header = json.loads(handle.readline())
+            if header == {"key": key}:
+                return [json.loads(line) for line in handle], True
+    records = produce()
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache_file.with_suffix(".partial")
+    with partial.open("w") as handle:
+        handle.write(json.dumps({"key": key}) + "\n")
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    os.replace(partial, cache_file)
+    return records, False
+
+
+def token_stream(documents: Sequence[Sequence[int]], separator: int) -> torch.Tensor:
+    """Token-id documents joined by ``separator`` (EOS), as pretraining documents are."""
+    ids: list[int] = []
+    for document in documents:
+        ids.extend(document)
+        ids.append(separator)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sha256_of_tensor(tokens: torch.Tensor) -> str:
+    """Fingerprint of a token stream, for the training recipe."""
+    return hashlib.sha256(tokens.numpy().tobytes()).hexdigest()

@@ -1,0 +1,98 @@
+"""`dlmspec train-drafter` end to end on the tiny pair's target: a few steps, stop, resume.
+
+A resumed run must equal an uninterrupted one bit for bit (weights and every loss), reuse the
+cached target generations, and leave a drafter the proposer's loader accepts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dlmspec_vllm.drafters.loading import load_drafter
+from dlmspec_vllm.training.command import RECIPE_FILE, main
+
+
+def train(target: Path, output: Path, *extra: str) -> None:
+    main(
+        [
+            "--target", str(target), "--output", str(output),
+            "--steps", "4", "--save-every", "2", "--layers", "1",
+            "--seq-len", "24:48", "--batch-size", "4",
+            "--gen-prompts", "4", "--gen-tokens", "12",
+            "--threads", "1", "--no-progress", *extra,
+        ]
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_pair, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("uninterrupted")
+    train(tiny_pair.target_dir, output)
+    return output
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tiny_pair, uninterrupted, tmp_path, capsys):
+    output = tmp_path / "sliced"
+    train(tiny_pair.target_dir, output, "--stop-at", "2")
+    assert "stopped at step 2 of 4" in capsys.readouterr().out
+    assert not (output / "model.safetensors").exists()
+    generations = output / "data" / "target_generations.jsonl"
+    written = generations.stat().st_mtime_ns
+
+    train(tiny_pair.target_dir, output, "--resume")
+    assert "target generations: reused" in capsys.readouterr().out
+    assert generations.stat().st_mtime_ns == written
+
+    expected, actual = (load_file(d / "model.safetensors") for d in (uninterrupted, output))
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    recipes = [json.loads((d / RECIPE_FILE).read_text()) for d in (uninterrupted, output)]
+    assert recipes[0]["result"]["losses"] == recipes[1]["result"]["losses"]
+    assert recipes[1]["result"]["resumed_from_step"] == 2
+
+
+def test_output_is_a_dream_drafter_with_the_targets_tokenizer(tiny_pair, uninterrupted):
+    config = json.loads((uninterrupted / "config.json").read_text())
+    assert config["model_type"] == "Dream" and config["num_hidden_layers"] == 1
+    assert config["mask_token_id"] == tiny_pair.mask_token_id
+    target_tokenizer = (tiny_pair.target_dir / "tokenizer.json").read_text()
+    assert (uninterrupted / "tokenizer.json").read_text() == target_tokenizer
+
+    drafter = load_drafter(
+        uninterrupted, target_vocab_size=tiny_pair.vocab_size, target_tokenizer=tiny_pair.target_dir
+    )
+    block = drafter.draft([[5, 6, 7, 8, 9]], [4])
+    assert block.lengths == [4]
+    assert len(block.argmax_tokens()[0]) == 4
+
+
+def test_recipe_records_settings_data_and_versions(uninterrupted):
+    recipe = json.loads((uninterrupted / RECIPE_FILE).read_text())
+    assert recipe["settings"]["steps"] == 4 and recipe["settings"]["layers"] == 1
+    assert recipe["data"]["stdlib"]["files"][0] == "textwrap.py"
+    assert recipe["data"]["target_generations"]["prompts"] == 4
+    assert len(recipe["result"]["losses"]) == 4
+    assert {"python", "torch", "transformers"} <= recipe["versions"].keys()
+
+
+def test_existing_run_is_not_overwritten_without_resume(tiny_pair, uninterrupted):
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_pair.target_dir, uninterrupted)
+
+
+def test_resume_under_other_settings_is_refused(tiny_pair, uninterrupted):
+    with pytest.raises(ValueError, match="lr"):
+        train(tiny_pair.target_dir, uninterrupted, "--resume", "--lr", "1e-3")
+
+
+@pytest.mark.parametrize("kind", ["block", "llada"])
+def test_unsupported_kinds_are_rejected_before_any_work(tmp_path, kind, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--target", str(tmp_path), "--output", str(tmp_path / "out"), "--kind", kind])
+    assert exit_info.value.code == 2
+    assert "supported kinds are dream" in capsys.readouterr().err
