@@ -206,3 +206,22 @@ def test_converges_to_within_5_percent_of_the_best_fixed_length(workload: str) -
     best_fixed = max(throughput(k, rates, draft, verify) for k in (4, 8, 16, 32))
     assert tokens / seconds >= 0.95 * best_fixed
     assert controller.num_tracked == 0
+
+
+def test_a_probe_is_sent_whole_even_where_clip_would_trim_it() -> None:
+    controller = CostAwareController(8, probe_interval=3)
+    for _ in range(30):  # nothing accepted, unconfident drafts: drafting stops
+        k = controller.initial_length("r")
+        sent = controller.clip("r", [0.01] * k) if k else 0
+        controller.record_costs(0.5 if k else 0.0, k, 1.0 + 0.01 * sent, sent)
+        controller.observe("r", drafted=sent, accepted=0, generated=k)
+    decisions = []
+    for _ in range(3 * 3):
+        k = controller.initial_length("r")
+        if k == 0:
+            controller.observe("r", drafted=0, accepted=0, generated=0)
+            continue
+        decisions.append((k, controller.clip("r", [0.01] * k)))
+        controller.observe("r", drafted=k, accepted=0, generated=k)
+    assert decisions, "no probe in three probe intervals"
+    assert all(sent == k for k, sent in decisions)

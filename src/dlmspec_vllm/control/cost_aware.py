@@ -83,6 +83,7 @@ class _History:
     counts: _Counts
     pending: list[float] = field(default_factory=list)  # confidences sent, awaiting observe()
     zero_streak: int = 0
+    probing: bool = False  # this step's draft is a probe: clip must send it whole
 
 
 class CostAwareController(StatefulController[_History]):
@@ -199,6 +200,7 @@ class CostAwareController(StatefulController[_History]):
         if history.zero_streak < self._probe_interval:
             return 0
         history.zero_streak = 0
+        history.probing = True
         self._probes += 1
         return best_drafting
 
@@ -232,7 +234,13 @@ class CostAwareController(StatefulController[_History]):
             rate = (expected + 1.0) / (sunk + verify_a + verify_b * (i + 1))
             if rate > best:
                 keep, best = i + 1, rate
-        self._state(req_id).pending = list(confidences[:keep])
+        history = self._state(req_id)
+        if history.probing:
+            # A probe exists to gather evidence; trimming it by the very estimates it is meant
+            # to correct would leave a request that stopped drafting stuck at k = 0 for good.
+            history.probing = False
+            keep = drafted
+        history.pending = list(confidences[:keep])
         self._trimmed += drafted - keep
         return keep
 
