@@ -69,7 +69,14 @@ class EngineResult(BaseModel):
     spec_decode: dict[str, float]
     accepted_per_position: list[float]
     startup_seconds: float
-    proposer: dict[str, Any] | None = None
+    # One report per vLLM worker (tensor-parallel ranks each run the proposer); empty unless
+    # the job asked for them.
+    proposers: list[dict[str, Any] | None] = Field(default_factory=list)
+
+    @property
+    def proposer(self) -> dict[str, Any] | None:
+        """The first worker's report."""
+        return self.proposers[0] if self.proposers else None
 
 
 def run_job(job: EngineJob) -> EngineResult:
@@ -119,20 +126,20 @@ def run_job(job: EngineJob) -> EngineResult:
     counters = {name: after[0].get(name, 0.0) - before[0].get(name, 0.0) for name in after[0]}
     earlier = before[1] + [0.0] * (len(after[1]) - len(before[1]))
     per_position = [a - b for a, b in zip(after[1], earlier)]
-    proposer = None
+    proposers = []
     if job.report_proposer:
         from dlmspec_vllm.integration.inspection import proposer_report
 
         # vLLM announces finished requests to its workers in the engine step after they end;
         # a server loop always runs it, `LLM.generate` returns before it, so run it here.
         llm.llm_engine.step()
-        proposer = llm.collective_rpc(proposer_report)[0]
+        proposers = llm.collective_rpc(proposer_report)
     return EngineResult(
         batches=results,
         spec_decode=counters,
         accepted_per_position=per_position,
         startup_seconds=startup,
-        proposer=proposer,
+        proposers=proposers,
     )
 
 
@@ -173,6 +180,10 @@ def run_in_subprocess(
         job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(job.model_dump_json())
         env = engine_env(multiprocess=multiprocess, threads=threads) | (extra_env or {})
+        if job.report_proposer:
+            # collective_rpc ships the reporting function to worker processes by pickle, which
+            # vLLM allows only when asked; these runs are local tests and benchmarks.
+            env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         completed = subprocess.run(
             [sys.executable, "-m", "dlmspec_vllm.offline_run", str(job_file), str(result_file)],
             env=env,

@@ -13,6 +13,7 @@ batch (again, for the requests the controller extends); send the prefix the cont
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import deque
@@ -89,6 +90,8 @@ class DlmProposer:
         # when vLLM reports how much of that draft it accepted.
         self._generated: dict[str, int] = {}
         self.failed_draft_steps = 0
+        # Running digest of every draft sent, to compare what tensor-parallel ranks proposed.
+        self._drafts_digest = hashlib.sha256()
         self.recent_step_lengths: deque[dict[str, int]] = deque(maxlen=RECENT_STEPS)
         self._next_log = time.monotonic() + LOG_INTERVAL_SECONDS
         self._last_step_end: float | None = None
@@ -183,6 +186,7 @@ class DlmProposer:
 
         if pending:
             self.recent_step_lengths.append({r.req_id: len(drafts[r.row]) for r in pending})
+            self._drafts_digest.update(repr(drafts).encode())
         self._log_summary_now_and_then()
         finished = time.perf_counter()
         self._last_draft_seconds = finished - started
@@ -201,6 +205,7 @@ class DlmProposer:
             "controller": self.controller.stats().as_dict(),
             "num_tracked_requests": self.num_tracked_requests,
             "failed_draft_steps": self.failed_draft_steps,
+            "drafts_digest": self._drafts_digest.hexdigest(),
             "recent_step_lengths": list(self.recent_step_lengths),
         }
 
