@@ -26,7 +26,8 @@ from dlmspec_vllm.drafters.bridge import (
 from dlmspec_vllm.drafters.fast_dllm_v2 import FastDllmV2Drafter
 from dlmspec_vllm.drafters.llada import LLaDADrafter
 from dlmspec_vllm.drafters.loading import DrafterLoadError, load_drafter
-from dlmspec_vllm.tiny_pair import HELDOUT_FILES, TinyPair, stdlib_text
+from dlmspec_vllm.tiny_pair import HELDOUT_FILES, TinyPair
+from dlmspec_vllm.training.corpus import stdlib_documents
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_pairing_that_cannot_carry_text_fails_at_load(
 def test_contexts_and_drafts_survive_the_round_trip(
     bridged: BridgedDrafter, target_tok, drafter_tok
 ) -> None:
-    text = stdlib_text(HELDOUT_FILES)[0]
+    text = stdlib_documents(HELDOUT_FILES)[0]
     context, continuation = text[1000:1400], text[1400:1480]
     drafter_ids = bridged.to_drafter_ids(target_tok(context)["input_ids"])
     assert drafter_ids[0] == drafter_tok.bos_token_id
@@ -116,7 +117,7 @@ def test_contexts_and_drafts_survive_the_round_trip(
 def test_a_target_token_carries_the_product_of_the_confidences_it_covers(
     bridged: BridgedDrafter, target_tok, drafter_tok
 ) -> None:
-    text = stdlib_text(HELDOUT_FILES)[0][2000:2300]
+    text = stdlib_documents(HELDOUT_FILES)[0][2000:2300]
     drafted = drafter_tok(text, add_special_tokens=False, return_offsets_mapping=True)
     confidences = [0.5 + 0.4 * math.sin(i) ** 2 for i in range(len(drafted["input_ids"]))]
     mapped = bridged.to_target_ids(drafted["input_ids"], confidences, limit=1000)

@@ -24,8 +24,9 @@ from transformers import (
 from dlmspec_vllm.drafters.base import DraftBlock
 from dlmspec_vllm.drafters.dream import DreamDrafter, DreamModel
 from dlmspec_vllm.drafters.loading import DrafterLoadError, load_drafter
-from dlmspec_vllm.tiny_pair import HELDOUT_FILES, TinyPair, stdlib_text
+from dlmspec_vllm.tiny_pair import HELDOUT_FILES, TinyPair
 from dlmspec_vllm.training import dream_from_causal_lm
+from dlmspec_vllm.training.corpus import stdlib_documents
 
 NEG_INF = float("-inf")
 
@@ -40,7 +41,7 @@ def drafter(tiny_pair: TinyPair) -> DreamDrafter:
 @pytest.fixture(scope="module")
 def heldout_ids(tiny_pair: TinyPair) -> list[int]:
     tokenizer = AutoTokenizer.from_pretrained(tiny_pair.target_dir)
-    return tokenizer(stdlib_text(HELDOUT_FILES)[0], verbose=False)["input_ids"]
+    return tokenizer(stdlib_documents(HELDOUT_FILES)[0], verbose=False)["input_ids"]
 
 
 def contexts_from(ids: list[int], count: int) -> list[list[int]]:
