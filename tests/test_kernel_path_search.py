@@ -7,15 +7,9 @@ and maxima, so choices and lengths must agree exactly, ties included.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import traceback
-from collections.abc import Callable
-
 import pytest
 import torch
+from fixtures.interpreted import collect_cases, run_cases_here, run_file_interpreted
 
 
 def _compare(edge: torch.Tensor, tail: torch.Tensor, is_eos: torch.Tensor,
@@ -86,29 +80,12 @@ def case_from_real_lattices() -> None:
             _compare(edge, tail, is_eos, lat.lengths)
 
 
-CASES: dict[str, Callable[[], None]] = {
-    name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")
-}
-
-
-def _run_cases_here() -> dict[str, str]:
-    results = {}
-    for name, fn in CASES.items():
-        try:
-            fn()
-            results[name] = "ok"
-        except Exception:  # report every failing case, not just the first
-            results[name] = traceback.format_exc()
-    return results
+CASES = collect_cases(globals())
 
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, str]:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_file_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -131,4 +108,4 @@ def test_launcher_checks_shapes_and_device(monkeypatch) -> None:
 
 
 if __name__ == "__main__":
-    print(json.dumps(_run_cases_here()))
+    run_cases_here(CASES)

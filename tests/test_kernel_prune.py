@@ -7,15 +7,9 @@ the parent reports one test per case. Shapes are small: the interpreter is slow.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import traceback
-from collections.abc import Callable
-
 import pytest
 import torch
+from fixtures.interpreted import collect_cases, run_cases_here, run_file_interpreted
 
 EOS = 7
 
@@ -98,29 +92,12 @@ def case_strided_logits_and_all_empty() -> None:
     _compare(big, [0, 0], tau=0.8, m_max=4, eos_id=EOS, block_v=32)
 
 
-CASES: dict[str, Callable[[], None]] = {
-    name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")
-}
-
-
-def _run_cases_here() -> dict[str, str]:
-    results = {}
-    for name, fn in CASES.items():
-        try:
-            fn()
-            results[name] = "ok"
-        except Exception:  # report every failing case, not just the first
-            results[name] = traceback.format_exc()
-    return results
+CASES = collect_cases(globals())
 
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, str]:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_file_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -138,4 +115,4 @@ def test_launcher_refuses_cpu_tensors_without_interpreter(monkeypatch) -> None:
 
 
 if __name__ == "__main__":
-    print(json.dumps(_run_cases_here()))
+    run_cases_here(CASES)
