@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -80,6 +80,20 @@ class DraftingOptions:
         return self.cache_refresh_interval > 0 and self.cache_max_tokens > 0
 
 
+@dataclass
+class TargetFeatures:
+    """The target's hidden states for tokens that became part of one request's sequence.
+
+    positions: [n] int64, the absolute positions of those tokens (increasing; a step carries
+        the prompt tokens it prefilled, or the last token plus the drafts vLLM accepted).
+    hidden: [n, len(target_layer_ids) * target_hidden_size], the outputs of the drafter's
+        chosen target layers at those positions, concatenated in target_layer_ids order.
+    """
+
+    positions: torch.Tensor
+    hidden: torch.Tensor
+
+
 class Drafter(Protocol):
     """A diffusion LM that drafts a block of tokens for each request in one call."""
 
@@ -102,4 +116,21 @@ class Drafter(Protocol):
 
     def forget(self, req_id: str) -> None:
         """Drop everything cached for a request that finished or was preempted."""
+        ...
+
+
+@runtime_checkable
+class TargetConditionedDrafter(Drafter, Protocol):
+    """A drafter that also reads the target's hidden states (DFlash-style).
+
+    target_layer_ids: which target layers' outputs it reads, DFlash's numbering (0 is the
+        output of the first decoder layer). The proposer asks vLLM for them and hands every
+        request's new ones to ``observe`` before each draft step.
+    """
+
+    target_layer_ids: tuple[int, ...]
+
+    def observe(self, req_id: str, features: TargetFeatures) -> None:
+        """Record the target's hidden states for tokens now part of the request's sequence;
+        features at positions it already holds replace the old ones (a rejected draft's)."""
         ...
