@@ -96,3 +96,52 @@ def test_unsupported_kinds_are_rejected_before_any_work(tmp_path, kind, capsys):
         main(["--target", str(tmp_path), "--output", str(tmp_path / "out"), "--kind", kind])
     assert exit_info.value.code == 2
     assert "supported kinds are dream" in capsys.readouterr().err
+
+
+def train_dflash(target: Path, output: Path, *extra: str) -> None:
+    main(
+        [
+            "--target", str(target), "--output", str(output), "--kind", "dflash",
+            "--steps", "4", "--save-every", "2", "--batch-size", "2", "--anchors", "3",
+            "--block-size", "4", "--gen-prompts", "4", "--gen-tokens", "12",
+            "--draft-vocab", "200", "--threads", "1", "--no-progress", *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_dflash_run_resumes_exactly_and_loads_as_a_target_conditioned_drafter(
+    tiny_pair, tmp_path, capsys
+):
+    whole, sliced = tmp_path / "whole", tmp_path / "sliced"
+    train_dflash(tiny_pair.target_dir, whole)
+    train_dflash(tiny_pair.target_dir, sliced, "--stop-at", "2")
+    assert "stopped at step 2 of 4" in capsys.readouterr().out
+    train_dflash(tiny_pair.target_dir, sliced, "--resume")
+    out = capsys.readouterr().out
+    assert "target generations: reused" in out and "target features: reused" in out
+    expected, actual = (load_file(d / "model.safetensors") for d in (whole, sliced))
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+    config = json.loads((whole / "config.json").read_text())
+    assert config["architectures"] == ["DFlashDraftModel"] and config["block_size"] == 4
+    # vLLM exposes layer inputs only: a 2-layer target offers the first layer's output alone.
+    assert config["dflash_config"]["target_layer_ids"] == [0]
+    assert len(expected["d2t"]) <= 200
+    recipe = json.loads((whole / RECIPE_FILE).read_text())
+    assert recipe["kind"] == "dflash"
+    assert sum(recipe["data"]["target_generations"]["prompts_by_kind"].values()) == 4
+
+    from dlmspec_vllm.drafters.base import TargetConditionedDrafter, TargetFeatures
+
+    drafter = load_drafter(whole, target_vocab_size=tiny_pair.vocab_size,
+                           target_tokenizer=tiny_pair.target_dir,
+                           target_dir=tiny_pair.target_dir)
+    assert isinstance(drafter, TargetConditionedDrafter)
+    drafter.observe("r", TargetFeatures(torch.arange(4), torch.randn(4, 64)))
+    assert drafter.draft([[5, 6, 7, 8, 9]], [3], req_ids=["r"]).lengths == [3]
+
+
+def test_dflash_refuses_layers_vllm_cannot_expose(tiny_pair, tmp_path):
+    with pytest.raises(SystemExit, match="0..0"):
+        train_dflash(tiny_pair.target_dir, tmp_path / "out", "--target-layer-ids", "1")

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 class DrafterFamily:
     """How to recognise one diffusion LM family's config.json, and its drafter class."""
 
-    model_type: str  # as config.json spells it; matched case-insensitively
+    model_type: str  # as config.json spells it; matched case-insensitively ("" = never)
     architectures: tuple[str, ...]
     drafter: str  # "module:Class" with a from_pretrained classmethod
 
@@ -39,6 +39,8 @@ DRAFTER_FAMILIES: tuple[DrafterFamily, ...] = (
         ("Fast_dLLM_QwenForCausalLM",),
         "dlmspec_vllm.drafters.fast_dllm_v2:FastDllmV2Drafter",
     ),
+    # DFlash checkpoints say model_type "qwen3", like any Qwen3 LM: known by architecture only.
+    DrafterFamily("", ("DFlashDraftModel",), "dlmspec_vllm.drafters.dflash:DFlashDrafter"),
 )
 
 
@@ -93,21 +95,24 @@ def drafter_class_path(config: dict[str, Any], path: Path) -> str:
     model_type = str(config.get("model_type", ""))
     architectures = [str(a) for a in config.get("architectures") or []]
     for family in DRAFTER_FAMILIES:
-        if family.model_type.lower() == model_type.lower() or set(family.architectures) & set(
-            architectures
-        ):
+        if set(family.architectures) & set(architectures):
+            return family.drafter
+        if family.model_type and family.model_type.lower() == model_type.lower():
             return family.drafter
     described = f"model_type {model_type!r}, architectures {architectures}"
-    supported = ", ".join(family.model_type for family in DRAFTER_FAMILIES)
+    supported = ", ".join(
+        f"model_type {family.model_type}" if family.model_type else family.architectures[0]
+        for family in DRAFTER_FAMILIES
+    )
     if any(a.endswith("ForCausalLM") for a in architectures):
         raise DrafterLoadError(
             f"draft_model {path} is an autoregressive model ({described}); method 'dlm' needs a "
             f"diffusion LM drafter: set `draft_model` to a diffusion checkpoint "
-            f"(supported model_type: {supported})"
+            f"(supported: {supported})"
         )
     raise DrafterLoadError(
         f"draft_model {path} is not a supported diffusion drafter ({described}); "
-        f"supported model_type: {supported}"
+        f"supported: {supported}"
     )
 
 
@@ -119,13 +124,15 @@ def load_drafter(
     dtype: torch.dtype = torch.float32,
     options: DraftingOptions | None = None,
     target_tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
+    target_dir: str | Path | None = None,
 ) -> Drafter:
     """Load the diffusion drafter in ``path`` for a target with ``target_vocab_size`` token ids.
 
     With ``target_tokenizer`` (the target's tokenizer, or its directory or id), a drafter whose
     own tokenizer numbers the target's tokens differently is wrapped in a vocabulary bridge
     (bridge.py), after checking that text survives both tokenizers; without it, the drafter is
-    assumed to share the target's vocabulary.
+    assumed to share the target's vocabulary. ``target_dir`` (the target's checkpoint
+    directory) is read by drafters that share the target's weights (DFlash).
 
     Every check that needs no weights runs before any weights are read, so a wrong setting fails
     in milliseconds, not after minutes of loading.
@@ -145,8 +152,12 @@ def load_drafter(
         from dlmspec_vllm.drafters.bridge import tokenizers_to_bridge
 
         tokenizers = tokenizers_to_bridge(target_tokenizer, path)
+    shared = (
+        {"target_dir": target_dir} if getattr(drafter_cls, "reads_target_weights", False) else {}
+    )
     drafter: Drafter = drafter_cls.from_pretrained(
         path,
+        **shared,
         # A bridged drafter drafts in its own vocabulary; the bridge maps to the target's.
         target_vocab_size=target_vocab_size if tokenizers is None else len(tokenizers[1]),
         device=device,

@@ -1,17 +1,24 @@
 """`dlmspec train-drafter`: train a diffusion drafter for a target, from the target itself.
 
-The drafter starts as a copy of the target's weights (optionally only its first ``--layers``
-layers, so that it reads far fewer bytes per step than the target: what makes speculation pay
-on a memory-bound CPU, DESIGN.md section 4), made a Dream model (bidirectional attention, shifted
-logits), then trained with the masked-diffusion objective on text every machine has (the Python
-standard library) and on the target's own greedy answers to prompts cut from that text.
+Two kinds. ``--kind dream``: the drafter starts as a copy of the target's weights (optionally
+only its first ``--layers`` layers, so that it reads far fewer bytes per step than the target:
+what makes speculation pay on a memory-bound CPU, DESIGN.md section 4), made a Dream model
+(bidirectional attention, shifted logits), then trained with the masked-diffusion objective on
+text every machine has (the Python standard library) and on the target's own greedy answers to
+prompts cut from that text and from arithmetic and everyday-request templates.
 
 The run is defined by its arguments and the Python/torch versions alone: fixed file list, seeded
 prompt choice, greedy generations (cached in the output directory, so a resumed run does not
 generate them again), seeded batches and masks, a fixed step count. Checkpoints hold every piece
 of state, so ``--resume`` continues exactly where a stopped run left off.
 
-Output: the drafter in the released Dream checkpoint layout (config.json + model.safetensors),
+``--kind dflash``: a DFlash block drafter of ``--layers`` layers that reads the target's hidden
+states (training/dflash.py has the recipe): trained on the target's own greedy answers only,
+since it needs the target's features at every position; the features are computed once and
+cached in ``data/``. ``--draft-vocab N`` restricts drafting to the N tokens most frequent in
+those answers (the head then reads N rows instead of the whole vocabulary).
+
+Output: the drafter in its released checkpoint layout (config.json + model.safetensors),
 the target's tokenizer files, and training_recipe.json with every setting, version and the
 data recipe. ``checkpoints/`` (optimizer state, for --resume) and ``data/`` (the generation
 cache) can be deleted once training is finished.
@@ -25,37 +32,53 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dlmspec_vllm.drafters.dflash import default_target_layer_ids, save_dflash_network
 from dlmspec_vllm.drafters.dream import DreamModel, save_dream_model
 from dlmspec_vllm.targets import copy_tokenizer_files
 from dlmspec_vllm.training.conversion import dream_from_causal_lm
 from dlmspec_vllm.training.corpus import (
     STDLIB_FILES,
     cached_generations,
+    chat_prompts,
     generate_greedy,
     generation_prompts,
+    math_prompts,
     sha256_of_tensor,
     stdlib_documents,
     token_stream,
 )
+from dlmspec_vllm.training.dflash import (
+    AnchorSampler,
+    FeatureSequence,
+    dflash_from_target,
+    dflash_loss,
+    draft_vocabulary,
+    target_features,
+)
 from dlmspec_vllm.training.resumable import WindowSampler, train_resumable
-from dlmspec_vllm.training.trainers import deterministic_algorithms
+from dlmspec_vllm.training.trainers import deterministic_algorithms, masked_diffusion_loss
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-KINDS = ("dream",)
-LATER_KINDS = ("block", "dflash")
+KINDS = ("dream", "dflash")
+LATER_KINDS = ("block",)
 DATA_CHOICES = ("stdlib", "target-generations", "both")
 # With --data both, the share of batch rows cut from the target's generations: they are few
 # tokens next to the library's, and they are what the drafter is judged on.
 GENERATION_WEIGHT = 0.5
 RECIPE_FILE = "training_recipe.json"
+# Shares of the generation prompts: library code (write / explain a function), arithmetic
+# and everyday chat, the three kinds of request the benchmark measures.
+PROMPT_SHARES = {"code": 0.5, "math": 0.25, "chat": 0.25}
 # Arguments that do not change what is computed, so a resumed run may change them.
 RUN_CONTROL = ("output", "resume", "stop_at", "save_every", "threads", "progress")
 
@@ -72,12 +95,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--seq-len", default="32:128", help="window length N, or LOW:HIGH drawn per batch"
     )
-    parser.add_argument("--block-size", type=int, default=8, help="tokens masked at the end")
+    parser.add_argument(
+        "--block-size", type=int, help="dream: tokens masked at the end (8); dflash: block (16)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", choices=DATA_CHOICES, default="both")
-    parser.add_argument("--layers", type=int, help="keep the target's first N layers (default all)")
+    parser.add_argument(
+        "--data", choices=DATA_CHOICES, help="dream: both (default); dflash: target-generations"
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        help="dream: keep the target's first N layers (default all); "
+        "dflash: drafter layers (default 1)",
+    )
+    parser.add_argument(
+        "--target-layer-ids",
+        help="dflash: comma-separated target layers to read (default: "
+        "DFlash's spread, capped at the last layer vLLM can expose)",
+    )
+    parser.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=0,
+        help="dflash: draft only the N most frequent answer tokens (0 = the whole vocabulary)",
+    )
+    parser.add_argument("--anchors", type=int, default=12, help="dflash: blocks per answer")
+    parser.add_argument("--gamma", type=float, default=7.0, help="dflash: loss decay over block")
     parser.add_argument(
         "--mask-token", help="mask token (default: the tokenizer's, else its last special token)"
     )
@@ -100,9 +145,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.kind not in KINDS:
         later = " (planned, not implemented yet)" if args.kind in LATER_KINDS else ""
         parser.error(f"--kind {args.kind!r}{later}: supported kinds are {', '.join(KINDS)}")
+    if args.block_size is None:
+        args.block_size = 16 if args.kind == "dflash" else 8
     low, _, high = args.seq_len.partition(":")
     args.seq_len = (int(low), int(high or low))
-    if args.seq_len[0] <= args.block_size:
+    if args.data is None:
+        args.data = "target-generations" if args.kind == "dflash" else "both"
+    if args.kind == "dflash" and args.data != "target-generations":
+        parser.error(
+            "--kind dflash trains on the target's own answers only (they come with its "
+            "hidden states): use --data target-generations"
+        )
+    if args.seq_len[0] <= args.block_size and args.kind == "dream":
         parser.error(f"--seq-len must exceed --block-size ({args.block_size}): rows need a prefix")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,41 +182,24 @@ def main(argv: list[str] | None = None) -> None:
         if k not in RUN_CONTROL
     }
     settings |= {"target_weights_sha256": fingerprint, "mask_token": mask_token}
+    build = _build_dflash if args.kind == "dflash" else _build_dream
+    run = build(args, tokenizer, target, fingerprint, mask_id, device)
+    print(run.description, flush=True)
 
-    streams, data_recipe = _training_streams(args, tokenizer, target, fingerprint)
-    drafter = _drafter_from_target(target, args.layers, mask_id).to(device)
-    total_layers = target.config.num_hidden_layers
-    if not args.distill:
-        del target  # the teacher is only needed for distillation; free its memory
-    print(
-        f"drafter: Dream from {args.target} ({drafter.config.num_hidden_layers} of {total_layers} "
-        f"layers, {sum(p.numel() for p in drafter.parameters()) / 1e6:.1f}M parameters), "
-        f"mask token {mask_token!r} (id {mask_id}), device {device}",
-        flush=True,
-    )
-
-    weights = {"stdlib": [1.0], "target-generations": [1.0]}.get(
-        args.data, [1.0 - GENERATION_WEIGHT, GENERATION_WEIGHT]
-    )
-    sampler = WindowSampler(
-        streams, weights, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed
-    )
-    teacher = (lambda rows: target(input_ids=rows).logits) if args.distill else None
     train_started = time.perf_counter()
     with deterministic_algorithms():
         result = train_resumable(
-            drafter,
-            sampler,
+            run.model,
+            run.sampler,
+            run.loss_of,
             steps=args.steps,
             lr=args.lr,
             seed=args.seed + 1,
-            block_size=args.block_size,
             checkpoint_dir=args.output / "checkpoints",
             save_every=args.save_every,
             settings=settings,
             resume=args.resume,
             stop_at=args.stop_at,
-            teacher=teacher,
             progress=args.progress,
         )
     train_seconds = time.perf_counter() - train_started
@@ -170,16 +207,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stopped at step {result.step} of {args.steps}; continue with --resume")
         return
 
-    save_dream_model(drafter, args.output)
+    run.save(args.output)
     copy_tokenizer_files(args.target, args.output)
     steps_run = result.step - (result.resumed_from or 0)
     recipe = {
         "kind": args.kind,
         "settings": settings,
-        "data": data_recipe,
-        "objective": "masked diffusion on the last block_size tokens of each window, Dream's "
-        "shifted logits, noise level t ~ U(0,1], mean cross-entropy over masked tokens"
-        + (", labels = the target's distributions" if args.distill else ", labels = data"),
+        "data": run.data_recipe,
+        "objective": run.objective,
         "optimizer": "AdamW(0.9, 0.95), warmup 5% then cosine to 10% of lr, grad clip 1.0",
         "result": {
             "steps": result.step,
@@ -202,6 +237,164 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
+@dataclass
+class _Run:
+    """What one drafter kind brings to the shared training loop."""
+
+    model: torch.nn.Module
+    sampler: Any
+    loss_of: Callable[[Any, torch.Generator], Any]
+    save: Callable[[Path], None]
+    data_recipe: dict[str, Any]
+    objective: str
+    description: str
+
+
+def _build_dream(args, tokenizer, target, fingerprint, mask_id, device) -> _Run:
+    streams, data_recipe = _training_streams(args, tokenizer, target, fingerprint)
+    drafter = _drafter_from_target(target, args.layers, mask_id).to(device)
+    total_layers = target.config.num_hidden_layers
+    weights = {"stdlib": [1.0], "target-generations": [1.0]}.get(
+        args.data, [1.0 - GENERATION_WEIGHT, GENERATION_WEIGHT]
+    )
+    sampler = WindowSampler(
+        streams, weights, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed
+    )
+    block_size = args.block_size
+
+    def loss_of(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        batch = batch.to(device)
+        teacher_logits = None
+        if args.distill:
+            with torch.no_grad():
+                logits = target(input_ids=batch).logits
+            prefix = batch.shape[1] - block_size
+            teacher_logits = logits[:, prefix - 1 : -1, : drafter.config.vocab_size]
+        return masked_diffusion_loss(
+            drafter,
+            batch,
+            block_size=block_size,
+            mask_token_id=mask_id,
+            generator=generator,
+            teacher_logits=teacher_logits,
+        )
+
+    return _Run(
+        model=drafter,
+        sampler=sampler,
+        loss_of=loss_of,
+        save=lambda output: save_dream_model(drafter, output),
+        data_recipe=data_recipe,
+        objective="masked diffusion on the last block_size tokens of each window, Dream's "
+        "shifted logits, noise level t ~ U(0,1], mean cross-entropy over masked tokens"
+        + (", labels = the target's distributions" if args.distill else ", labels = data"),
+        description=f"drafter: Dream from {args.target} ({drafter.config.num_hidden_layers} of "
+        f"{total_layers} layers, {_millions(drafter)}M parameters), mask id {mask_id}, "
+        f"device {device}",
+    )
+
+
+def _build_dflash(args, tokenizer, target, fingerprint, mask_id, device) -> _Run:
+    total_layers = target.config.num_hidden_layers
+    layers = args.layers or 1
+    # vLLM exposes the input of its decoder layers, so the deepest readable output is the
+    # second-to-last layer's.
+    deepest = total_layers - 2
+    if args.target_layer_ids:
+        layer_ids = tuple(int(i) for i in args.target_layer_ids.split(","))
+    else:
+        spread = default_target_layer_ids(total_layers, max(2, min(4, total_layers - 1)))
+        layer_ids = tuple(sorted({max(0, min(i, deepest)) for i in spread}))
+    if not all(0 <= i <= deepest for i in layer_ids):
+        raise SystemExit(
+            f"--target-layer-ids {list(layer_ids)}: each must be in 0..{deepest} for this "
+            f"{total_layers}-layer target (vLLM cannot expose the last layer's output)"
+        )
+    if not 1 <= layers <= total_layers:
+        raise SystemExit(f"--layers must be in 1..{total_layers} for this target")
+    _, data_recipe, records = _generations(args, tokenizer, target, fingerprint)
+    rows = [r["prompt_ids"] + r["output_ids"] for r in records]
+    features_file = args.output / "data" / "target_features.pt"
+    features_key = {
+        "generations_sha256": data_recipe["target_generations"]["sha256"],
+        "layer_ids": list(layer_ids),
+    }
+    cached = torch.load(features_file, weights_only=False) if features_file.is_file() else None
+    if cached is not None and cached["key"] == features_key:
+        features = cached["features"]
+        print(f"target features: reused {features_file}", flush=True)
+    else:
+        features = target_features(target, rows, layer_ids)
+        features_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": features_key, "features": features}, features_file)
+        print(f"target features: wrote {features_file}", flush=True)
+    sequences = [
+        FeatureSequence(row, len(r["prompt_ids"]), f) for row, r, f in zip(rows, records, features)
+    ]
+    network = dflash_from_target(
+        target,
+        layers=layers,
+        block_size=args.block_size,
+        mask_token_id=mask_id,
+        target_layer_ids=layer_ids,
+    ).to(device)
+    embed = target.get_input_embeddings().weight.detach()
+    head = target.get_output_embeddings().weight.detach()
+    draft_ids = None
+    target_to_draft = None
+    if args.draft_vocab:
+        draft_ids = draft_vocabulary(sequences, args.draft_vocab).to(device)
+        target_to_draft = torch.full((head.shape[0],), -1, dtype=torch.long, device=device)
+        target_to_draft[draft_ids] = torch.arange(len(draft_ids), device=device)
+        head = head[draft_ids].contiguous()
+    sampler = AnchorSampler(
+        sequences, batch_size=args.batch_size, anchors=args.anchors, seed=args.seed
+    )
+
+    def loss_of(batch, generator: torch.Generator):
+        rows_, anchors = batch
+        out = dflash_loss(
+            network,
+            rows_,
+            anchors,
+            embed_weight=embed,
+            head_weight=head,
+            target_to_draft=target_to_draft,
+            gamma=args.gamma,
+        )
+        return out.loss, {"first": out.first_accuracy, "run": out.mean_run}
+
+    def save(output: Path) -> None:
+        offsets = None
+        if draft_ids is not None:
+            offsets = draft_ids.cpu() - torch.arange(len(draft_ids))
+        save_dflash_network(network, output, draft_to_target=offsets)
+
+    data_recipe["draft_vocabulary"] = (
+        {"size": args.draft_vocab, "chosen": "most frequent tokens of the answers' outputs"}
+        if args.draft_vocab
+        else None
+    )
+    return _Run(
+        model=network,
+        sampler=sampler,
+        loss_of=loss_of,
+        save=save,
+        data_recipe=data_recipe,
+        objective=f"DFlash block cross-entropy: {args.anchors} random anchors per answer's "
+        f"output, block [anchor, MASK x {args.block_size - 1}] causal to the context features "
+        f"(target layers {list(layer_ids)}) and bidirectional inside, position j weighted "
+        f"exp(-(j-1)/{args.gamma})",
+        description=f"drafter: DFlash for {args.target} ({layers} layers, {_millions(network)}M "
+        f"parameters, reads target layers {list(layer_ids)}), mask id {mask_id}, "
+        f"draft vocabulary {args.draft_vocab or 'full'}, device {device}",
+    )
+
+
+def _millions(model: torch.nn.Module) -> str:
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}"
+
+
 def _training_streams(
     args: argparse.Namespace,
     tokenizer: PreTrainedTokenizerBase,
@@ -209,13 +402,13 @@ def _training_streams(
     fingerprint: str,
 ) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """The token streams the windows are cut from, and how they were made."""
-    documents = stdlib_documents()
     eos = tokenizer.eos_token_id
     recipe: dict[str, Any] = {"choice": args.data, "separator_token_id": eos}
     streams = []
     if args.data in ("stdlib", "both"):
         ids = [
-            tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"] for t in documents
+            tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"]
+            for t in stdlib_documents()
         ]
         stdlib = token_stream(ids, eos)
         streams.append(stdlib)
@@ -226,33 +419,64 @@ def _training_streams(
             "sha256": sha256_of_tensor(stdlib),
         }
     if args.data in ("target-generations", "both"):
-        prompts = generation_prompts(documents, args.gen_prompts, args.seed)
-        key = {
-            "target_weights_sha256": fingerprint,
-            "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
-            "max_new_tokens": args.gen_tokens,
-        }
-        cache = args.output / "data" / "target_generations.jsonl"
-        records, reused = cached_generations(
-            cache,
-            key,
-            lambda: generate_greedy(
-                target,
-                tokenizer,
-                prompts,
-                max_new_tokens=args.gen_tokens,
-                batch_size=args.gen_batch_size,
-                progress=args.progress,
-            ),
-        )
-        print(f"target generations: {'reused' if reused else 'wrote'} {cache}", flush=True)
-        generations = token_stream([r["prompt_ids"] + r["output_ids"] for r in records], eos)
+        generations, generated_recipe, _ = _generations(args, tokenizer, target, fingerprint)
         streams.append(generations)
-        recipe["target_generations"] = {
+        recipe |= generated_recipe
+    return streams, recipe
+
+
+def training_prompts(count: int, seed: int) -> dict[str, list[str]]:
+    """The generation prompts by kind, ``count`` in all, shared as PROMPT_SHARES says."""
+    math = int(count * PROMPT_SHARES["math"])
+    chat = int(count * PROMPT_SHARES["chat"])
+    code = count - math - chat
+    return {
+        "code": generation_prompts(stdlib_documents(), code, seed),
+        "math": math_prompts(math, seed),
+        "chat": chat_prompts(chat, seed),
+    }
+
+
+def _generations(
+    args: argparse.Namespace,
+    tokenizer: PreTrainedTokenizerBase,
+    target: PreTrainedModel,
+    fingerprint: str,
+) -> tuple[torch.Tensor, dict[str, Any], list[dict[str, Any]]]:
+    """The target's greedy answers to the training prompts (cached in the output directory):
+    as one token stream, its recipe entry, and the records themselves."""
+    by_kind = training_prompts(args.gen_prompts, args.seed)
+    prompts = [p for kind in PROMPT_SHARES for p in by_kind[kind]]
+    key = {
+        "target_weights_sha256": fingerprint,
+        "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "max_new_tokens": args.gen_tokens,
+    }
+    cache = args.output / "data" / "target_generations.jsonl"
+    records, reused = cached_generations(
+        cache,
+        key,
+        lambda: generate_greedy(
+            target,
+            tokenizer,
+            prompts,
+            max_new_tokens=args.gen_tokens,
+            batch_size=args.gen_batch_size,
+            progress=args.progress,
+        ),
+    )
+    print(f"target generations: {'reused' if reused else 'wrote'} {cache}", flush=True)
+    eos = tokenizer.eos_token_id
+    generations = token_stream([r["prompt_ids"] + r["output_ids"] for r in records], eos)
+    recipe = {
+        "target_generations": {
             "prompts": len(prompts),
+            "prompts_by_kind": {kind: len(by_kind[kind]) for kind in PROMPT_SHARES},
             "prompt_seed": args.seed,
-            "prompt_source": "documented public functions of the stdlib files, alternately "
-            "'write this function' and 'explain this code', in the target's chat template",
+            "prompt_source": "code: documented public functions of the stdlib files, "
+            "alternately 'write this function' and 'explain this code'; math: seeded "
+            "arithmetic templates; chat: seeded everyday-request templates (corpus.py); all "
+            "in the target's chat template, none from benchmarks/prompts.json",
             "decoding": f"greedy, at most {args.gen_tokens} new tokens, transformers generate",
             "generated_tokens": sum(len(r["output_ids"]) for r in records),
             "tokens": generations.numel(),
@@ -260,7 +484,8 @@ def _training_streams(
             "weight": GENERATION_WEIGHT if args.data == "both" else 1.0,
             "cache": str(cache),
         }
-    return streams, recipe
+    }
+    return generations, recipe, records
 
 
 def _drafter_from_target(target: PreTrainedModel, layers: int | None, mask_id: int) -> DreamModel:

@@ -209,3 +209,102 @@ def token_stream(documents: Sequence[Sequence[int]], separator: int) -> torch.Te
 def sha256_of_tensor(tokens: torch.Tensor) -> str:
     """Fingerprint of a token stream, for the training recipe."""
     return hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+
+
+# Word lists for the math and chat requests below: written for training, disjoint in wording
+# from benchmarks/prompts.json (which stays held out), so that drafters learn how the target
+# answers arithmetic and everyday questions, not the benchmark's own prompts.
+_ITEMS = ("notebooks", "apples", "tickets", "pencils", "mugs", "books", "lamps", "chairs")
+_NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Farah", "Goran", "Hana", "Ivo", "Jun")
+_ACTIVITIES = (
+    "learning a new language",
+    "staying focused while studying",
+    "saving money",
+    "keeping a small garden",
+    "running a first 5k",
+    "cooking for a week ahead",
+    "organising a desk",
+    "making new friends in a city",
+    "writing a cover letter",
+    "drinking more water",
+    "taking better photos with a phone",
+    "planning a road trip",
+)
+_TOPICS = (
+    "how a refrigerator keeps food cold",
+    "what inflation is",
+    "how vaccines work",
+    "why leaves change colour in autumn",
+    "what a black hole is",
+    "how the internet works",
+    "what compound interest is",
+    "how bees make honey",
+    "why we have seasons",
+    "what a volcano is",
+    "how a bicycle stays upright",
+    "what recycling does",
+)
+_LETTERS = (
+    ("an invitation", "a neighbour", "a garden party"),
+    ("an apology", "a friend", "missing a birthday"),
+    ("a welcome message", "a new team member", "their first day"),
+    ("a reminder", "a book club", "the next meeting"),
+    ("a congratulations note", "a cousin", "a graduation"),
+)
+
+
+def math_prompts(count: int, seed: int) -> list[str]:
+    """``count`` seeded arithmetic requests with random numbers."""
+    rng = random.Random(seed)
+    templates = (
+        lambda: f"Compute {rng.randint(12, 99)} times {rng.randint(3, 40)} and show your work.",
+        lambda: (
+            f"A shop sells {rng.choice(_ITEMS)} for ${rng.randint(2, 30)} each. How much "
+            f"do {rng.randint(3, 15)} of them cost in total?"
+        ),
+        lambda: (
+            f"What is {rng.randint(100, 999)} divided by {rng.randint(3, 12)}, rounded to "
+            "two decimal places?"
+        ),
+        lambda: f"Find the perimeter of a square whose side is {rng.randint(2, 50)} cm.",
+        lambda: (
+            f"{rng.choice(_NAMES)} has {rng.randint(20, 90)} marbles and gives away "
+            f"{rng.randint(1, 19)}. How many marbles are left?"
+        ),
+        lambda: (
+            f"Solve the equation {rng.randint(2, 9)}y - {rng.randint(1, 20)} = "
+            f"{rng.randint(21, 80)}."
+        ),
+        lambda: f"Convert {rng.randint(2, 60)} kilometres to miles.",
+        lambda: (
+            f"What is the average of {rng.randint(1, 50)}, {rng.randint(1, 50)} and "
+            f"{rng.randint(1, 50)}?"
+        ),
+        lambda: (
+            f"How many minutes are there in {rng.randint(2, 9)} hours and "
+            f"{rng.randint(1, 59)} minutes?"
+        ),
+        lambda: f"Is {rng.randint(20, 200)} a prime number? Explain your reasoning.",
+        lambda: (
+            f"A car uses {rng.randint(4, 9)} litres of fuel per 100 km. How much fuel "
+            f"does it need for {rng.randint(120, 900)} km?"
+        ),
+        lambda: (
+            f"What is {rng.randint(2, 9)}/{rng.randint(10, 20)} plus "
+            f"{rng.randint(1, 9)}/{rng.randint(10, 20)}?"
+        ),
+    )
+    return [templates[i % len(templates)]() for i in range(count)]
+
+
+def chat_prompts(count: int, seed: int) -> list[str]:
+    """``count`` seeded everyday requests: advice, explanations, short letters."""
+    rng = random.Random(seed)
+    templates = (
+        lambda: f"Give me {rng.randint(3, 5)} tips for {rng.choice(_ACTIVITIES)}.",
+        lambda: f"Explain {rng.choice(_TOPICS)} in simple terms.",
+        lambda: "Write {} to {} about {}.".format(*rng.choice(_LETTERS)),
+        lambda: f"What should a beginner know before {rng.choice(_ACTIVITIES)}?",
+        lambda: f"Can you explain {rng.choice(_TOPICS)} to a ten-year-old?",
+    )
+    return [templates[i % len(templates)]() for i in range(count)]

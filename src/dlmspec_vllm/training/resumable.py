@@ -1,4 +1,4 @@
-"""Masked-diffusion training that can stop and resume with the same result as one run.
+"""Drafter training that can stop and resume with the same result as one run.
 
 trainers.py's loops run start to finish in one call, which suits the test fixtures' seconds-long
 builds. A drafter for a real target trains for minutes to hours on a shared CPU, so this loop
@@ -6,8 +6,10 @@ keeps every source of state (weights, AdamW moments, the schedule, the data samp
 masking's random generators) in a checkpoint; a resumed run computes the same steps, bit for
 bit on the same torch build and thread count, as an uninterrupted one.
 
-The optimiser and schedule are trainers.optimize's: AdamW (0.9, 0.95), linear warmup over 5% of
-the steps, cosine decay to 10% of ``lr``, gradients clipped to norm 1.
+The loop is the same for every drafter kind; the kind brings its batches (a sampler with a
+saveable state) and its loss. The optimiser and schedule are trainers.optimize's: AdamW (0.9,
+0.95), linear warmup over 5% of the steps, cosine decay to 10% of ``lr``, gradients clipped to
+norm 1.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from dlmspec_vllm.drafters.dream import DreamModel
-from dlmspec_vllm.training.trainers import lr_factor, masked_diffusion_loss
+from dlmspec_vllm.training.trainers import lr_factor
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -71,6 +72,21 @@ class WindowSampler:
         self.generator.set_state(state["generator"])
 
 
+class Sampler(Protocol):
+    """Where batches come from: deterministic given its saved state."""
+
+    def next_batch(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+# A batch and the run's seeded generator (on the model's device) -> the loss, and optionally
+# figures worth showing beside it on the progress bar.
+LossFunction = Callable[[Any, torch.Generator], "torch.Tensor | tuple[torch.Tensor, dict]"]
+
+
 @dataclass
 class RunResult:
     """Where a call to :func:`train_resumable` stopped, and every step's loss so far."""
@@ -81,36 +97,38 @@ class RunResult:
 
 
 def train_resumable(
-    model: DreamModel,
-    sampler: WindowSampler,
+    model: nn.Module,
+    sampler: Sampler,
+    loss_of: LossFunction,
     *,
     steps: int,
     lr: float,
     seed: int,
-    block_size: int,
     checkpoint_dir: Path,
     save_every: int,
     settings: dict[str, Any],
     resume: bool,
     stop_at: int | None = None,
-    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
 ) -> RunResult:
-    """Train ``model`` for ``steps`` masked-diffusion steps, checkpointing every ``save_every``.
+    """Train ``model`` for ``steps`` steps of ``loss_of``, checkpointing every ``save_every``.
 
     ``settings``: everything that defines the run; a checkpoint made under other settings is
     refused rather than silently continued. ``stop_at``: stop after this step (checkpointed),
-    to continue later with ``resume``: training in slices on a shared machine. ``teacher``
-    maps clean rows to the target's shifted logits, as in trainers.train_masked_diffusion.
+    to continue later with ``resume``: training in slices on a shared machine. ``seed`` seeds
+    the generator handed to ``loss_of`` (masking noise), saved with the run.
     """
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=lr,
+        betas=(0.9, 0.95),
+        weight_decay=0.0,
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
-    # On the training device: trainers.masked_diffusion_loss draws its masks with torch's
-    # default device, which the loop below sets to the model's.
-    mask_generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     checkpoint = checkpoint_dir / CHECKPOINT_NAME
     result = RunResult(step=0)
     if checkpoint.is_file():
@@ -131,28 +149,17 @@ def train_resumable(
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         sampler.load_state_dict(state["sampler"])
-        mask_generator.set_state(state["mask_generator"])
+        generator.set_state(state["mask_generator"])
         result = RunResult(step=state["step"], losses=state["losses"], resumed_from=state["step"])
 
     last = steps if stop_at is None else min(stop_at, steps)
     model.train()
     bar = tqdm(total=steps, initial=result.step, desc="train-drafter", disable=not progress)
     while result.step < last:
-        batch = sampler.next_batch().to(device)
-        teacher_logits = None
-        if teacher is not None:
-            prefix = batch.shape[1] - block_size
-            with torch.no_grad():
-                teacher_logits = teacher(batch)[:, prefix - 1 : -1, : model.config.vocab_size]
+        # Losses draw their noise with torch's default device: the model's.
         with device:
-            loss = masked_diffusion_loss(
-                model,
-                batch,
-                block_size=block_size,
-                mask_token_id=model.config.mask_token_id,
-                generator=mask_generator,
-                teacher_logits=teacher_logits,
-            )
+            outcome = loss_of(sampler.next_batch(), generator)
+        loss, shown = outcome if isinstance(outcome, tuple) else (outcome, {})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -161,9 +168,11 @@ def train_resumable(
         result.step += 1
         result.losses.append(loss.item())
         bar.update(1)
-        bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+        bar.set_postfix(
+            loss=f"{result.losses[-1]:.3f}", **{k: f"{v:.3f}" for k, v in shown.items()}
+        )
         if result.step % save_every == 0 or result.step == last:
-            _save(checkpoint, model, optimizer, schedule, sampler, mask_generator, result, settings)
+            _save(checkpoint, model, optimizer, schedule, sampler, generator, result, settings)
     bar.close()
     model.eval()
     return result
@@ -174,7 +183,7 @@ def _save(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
-    sampler: WindowSampler,
+    sampler: Sampler,
     mask_generator: torch.Generator,
     result: RunResult,
     settings: dict[str, Any],

@@ -1,0 +1,526 @@
+"""DFlash-style drafter: a few bidirectional layers that read the target's own hidden states.
+
+A standalone diffusion LM must guess what the target will say from the tokens alone. A DFlash
+drafter (z-lab, "Block Diffusion for Flash Speculative Decoding") is told what the target was
+thinking: the target's hidden states from a few chosen layers, at every context position, are
+concatenated, projected by ``fc`` and normed by ``hidden_norm``, and every drafter layer attends
+to them as extra keys/values in front of the block. The block is [last token, MASK, ...] at the
+positions that follow the context; attention inside it is bidirectional, and the output at each
+masked position is the prediction of the token at that very position (no shift). Embeddings and
+the LM head are the target's own, never stored with the drafter.
+
+Checkpoint layout: z-lab's released DFlash drafters (``architectures: ["DFlashDraftModel"]``,
+``model_type: "qwen3"``, ``dflash_config: {mask_token_id, target_layer_ids}``, ``block_size``),
+tensors ``layers.N.{self_attn.{q,k,v,o}_proj, self_attn.{q,k}_norm, mlp.{gate,up,down}_proj,
+input_layernorm, post_attention_layernorm}``, ``fc``, ``hidden_norm``, ``norm``. One optional
+addition of ours: ``d2t`` (EAGLE-3's draft-to-target offsets), which restricts drafting to a
+subset of the target's vocabulary so that the LM head reads far fewer bytes per pass: on a CPU
+the full head of a 49k-token vocabulary costs more than the drafter's layers.
+
+Per request the drafter keeps the keys/values of the context features it has been shown
+(``observe``), each at its absolute position, so a step computes keys/values only for the tokens
+vLLM just accepted. Features at a position it already holds replace the old ones and everything
+after them: those belonged to a draft the target rejected.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from dlmspec_vllm.drafters.base import DraftBlock, DraftingOptions, TargetFeatures
+from dlmspec_vllm.drafters.loading import DrafterLoadError, read_config, safetensors_files
+from dlmspec_vllm.drafters.transformer import RMSNorm, RotaryEmbedding, apply_rope, swiglu
+
+ARCHITECTURE = "DFlashDraftModel"
+DRAFT_TO_TARGET = "d2t"
+
+
+def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> tuple[int, ...]:
+    """DFlash's default choice when a config names no layers: evenly spread from layer 1 to
+    layer num_target_layers - 3 (the middle layer for a one-layer drafter)."""
+    if num_draft_layers == 1:
+        return (num_target_layers // 2,)
+    first, last = 1, num_target_layers - 3
+    step = (last - first) / (num_draft_layers - 1)
+    return tuple(int(round(first + i * step)) for i in range(num_draft_layers))
+
+
+@dataclass(frozen=True)
+class DFlashConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    block_size: int
+    mask_token_id: int
+    target_layer_ids: tuple[int, ...]
+    num_target_layers: int
+    target_hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int = 32768
+    attention_bias: bool = False
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> DFlashConfig:
+        dflash = raw.get("dflash_config") or {}
+        hidden = int(raw["hidden_size"])
+        heads = int(raw["num_attention_heads"])
+        layers = int(raw["num_hidden_layers"])
+        num_target_layers = int(raw.get("num_target_layers") or 0)
+        layer_ids = dflash.get("target_layer_ids")
+        if layer_ids is None:
+            if not num_target_layers:
+                raise ValueError(
+                    "config names neither dflash_config.target_layer_ids nor num_target_layers"
+                )
+            layer_ids = default_target_layer_ids(num_target_layers, layers)
+        mask = dflash.get("mask_token_id", raw.get("mask_token_id"))
+        if mask is None:
+            raise ValueError("config has no dflash_config.mask_token_id")
+        rope = raw.get("rope_parameters") or {}
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(raw.get("rope_theta") or rope.get("rope_theta") or 1e6),
+            block_size=int(raw.get("block_size") or dflash.get("block_size") or 16),
+            mask_token_id=int(mask),
+            target_layer_ids=tuple(int(i) for i in layer_ids),
+            num_target_layers=num_target_layers or max(layer_ids) + 1,
+            target_hidden_size=int(raw.get("target_hidden_size") or hidden),
+            vocab_size=int(raw["vocab_size"]),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+            attention_bias=bool(raw.get("attention_bias", False)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """config.json in the layout of z-lab's released drafters."""
+        return {
+            "architectures": [ARCHITECTURE],
+            "model_type": "qwen3",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias,
+            "attention_dropout": 0.0,
+            "layer_types": ["full_attention"] * self.num_hidden_layers,
+            "tie_word_embeddings": False,
+            "vocab_size": self.vocab_size,
+            "block_size": self.block_size,
+            "num_target_layers": self.num_target_layers,
+            "target_hidden_size": self.target_hidden_size,
+            "dflash_config": {
+                "mask_token_id": self.mask_token_id,
+                "target_layer_ids": list(self.target_layer_ids),
+            },
+            "torch_dtype": "bfloat16",
+        }
+
+
+class DFlashAttention(nn.Module):
+    def __init__(self, config: DFlashConfig) -> None:
+        super().__init__()
+        hidden, head_dim = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * head_dim, hidden, bias=bias)
+        self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+
+    def keys_values(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (normed, rotated) and values of x [batch, seq, hidden]: [batch, kv_heads, seq,
+        head_dim] each. Context features and block tokens go through the same projections."""
+        batch, seq, _ = x.shape
+        k = self.k_norm(self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        return apply_rope(k.transpose(1, 2), rope), v.transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        context: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim))
+        q = apply_rope(q.transpose(1, 2), rope)
+        k, v = self.keys_values(x, rope)
+        keys, values = torch.cat((context[0], k), 2), torch.cat((context[1], v), 2)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask[:, None], enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class DFlashMLP(nn.Module):
+    def __init__(self, config: DFlashConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
+
+
+class DFlashLayer(nn.Module):
+    def __init__(self, config: DFlashConfig) -> None:
+        super().__init__()
+        self.self_attn = DFlashAttention(config)
+        self.mlp = DFlashMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, rope, context, mask):
+        x = x + self.self_attn(self.input_layernorm(x), rope, context, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DFlashNetwork(nn.Module):
+    """The drafter's own weights (no embeddings, no head), named as z-lab's checkpoints."""
+
+    def __init__(self, config: DFlashConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(DFlashLayer(config) for _ in range(config.num_hidden_layers))
+        features = len(config.target_layer_ids) * config.target_hidden_size
+        self.fc = nn.Linear(features, config.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def context_keys_values(
+        self, features: torch.Tensor, positions: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the keys/values that target features [batch, n, F] at positions
+        [batch, n] contribute: [batch, kv_heads, n, head_dim] each."""
+        context = self.hidden_norm(self.fc(features))
+        rope = self.rotary(positions, context.dtype)
+        return [layer.self_attn.keys_values(context, rope) for layer in self.layers]
+
+    def block_hidden(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        context: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Final normed hidden states of block tokens (their embeddings [batch, q, hidden] at
+        positions [batch, q]) attending to the context keys/values of every layer and to the
+        block. mask: bool [batch, q, n_context + q], True where a query may attend."""
+        rope = self.rotary(positions, embeds.dtype)
+        x = embeds
+        for layer, layer_context in zip(self.layers, context):
+            x = layer(x, rope, layer_context, mask)
+        return self.norm(x)
+
+
+@dataclass
+class _RequestContext:
+    positions: torch.Tensor  # [n] int64, increasing
+    keys: list[torch.Tensor]  # per layer [kv_heads, n, head_dim]
+    values: list[torch.Tensor]
+
+
+class DFlashDrafter:
+    """Drafts a block per request in one pass of a DFlash network over the target's features."""
+
+    reads_target_weights = True
+
+    def __init__(
+        self,
+        network: DFlashNetwork,
+        *,
+        embed_weight: torch.Tensor,
+        head_weight: torch.Tensor,
+        draft_to_target: torch.Tensor | None,
+        target_vocab_size: int,
+        options: DraftingOptions | None = None,
+    ) -> None:
+        config = network.config
+        self.network = network.eval()
+        self.config = config
+        self.target_layer_ids = config.target_layer_ids
+        self.target_vocab_size = target_vocab_size
+        self.max_context_length = config.max_position_embeddings
+        self.options = options or DraftingOptions()
+        self.embed_weight = embed_weight
+        if draft_to_target is None:
+            self.draft_ids = None
+            self.head_weight = head_weight[:target_vocab_size]
+        else:
+            self.draft_ids = torch.arange(len(draft_to_target)) + draft_to_target.long()
+            if int(self.draft_ids.max()) >= target_vocab_size:
+                raise DrafterLoadError(
+                    f"the drafter's {DRAFT_TO_TARGET} maps to token ids beyond the target's "
+                    f"vocabulary ({target_vocab_size}): it was trained for another target"
+                )
+            self.draft_ids = self.draft_ids.to(head_weight.device)
+            self.head_weight = head_weight[self.draft_ids].contiguous()
+        self._contexts: OrderedDict[str, _RequestContext] = OrderedDict()
+        self._cached_tokens = 0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        target_vocab_size: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        options: DraftingOptions | None = None,
+        target_dir: str | Path | None = None,
+    ) -> DFlashDrafter:
+        path = Path(path)
+        try:
+            config = DFlashConfig.from_dict(read_config(path))
+        except (KeyError, TypeError, ValueError) as err:
+            raise DrafterLoadError(f"DFlash draft_model {path}: bad config.json ({err})") from err
+        if target_dir is None:
+            raise DrafterLoadError(
+                f"DFlash draft_model {path} shares the target's embeddings and LM head: "
+                "the target's checkpoint directory is needed to load it"
+            )
+        state: dict[str, torch.Tensor] = {}
+        for shard in safetensors_files(path):
+            with safe_open(str(shard), "pt", device="cpu") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    state[name] = handle.get_tensor(name)
+        draft_to_target = state.pop(DRAFT_TO_TARGET, None)
+        network = DFlashNetwork(config)
+        missing, unexpected = network.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise DrafterLoadError(
+                f"DFlash weights in {path} do not match its config.json: missing "
+                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        network.to(device=device, dtype=dtype)
+        network.rotary.reset(device)
+        embed, head = target_embedding_and_head(Path(target_dir))
+        if embed.shape[1] != config.hidden_size:
+            raise DrafterLoadError(
+                f"DFlash draft_model {path} has hidden size {config.hidden_size} but the target "
+                f"in {target_dir} embeds in {embed.shape[1]}: it was trained for another target"
+            )
+        return cls(
+            network,
+            embed_weight=embed.to(device=device, dtype=dtype),
+            head_weight=head.to(device=device, dtype=dtype),
+            draft_to_target=draft_to_target,
+            target_vocab_size=target_vocab_size,
+            options=options,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_weight.dtype
+
+    @property
+    def num_cached_requests(self) -> int:
+        return len(self._contexts)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self._cached_tokens
+
+    @torch.inference_mode()
+    def observe(self, req_id: str, features: TargetFeatures) -> None:
+        positions = features.positions.to(device=self.device, dtype=torch.long).flatten()
+        if positions.numel() == 0:
+            return
+        hidden = features.hidden.to(device=self.device, dtype=self.dtype)
+        expected = self.network.fc.in_features
+        if hidden.shape != (positions.numel(), expected):
+            raise ValueError(
+                f"target features of shape {tuple(hidden.shape)} for {positions.numel()} "
+                f"positions; this drafter reads {expected} values per position "
+                f"(layers {list(self.target_layer_ids)})"
+            )
+        layer_kv = self.network.context_keys_values(hidden[None], positions[None])
+        new_keys = [k[0] for k, _ in layer_kv]
+        new_values = [v[0] for _, v in layer_kv]
+        old = self._contexts.pop(req_id, None)
+        if old is not None:
+            self._cached_tokens -= old.positions.numel()
+            keep = int((old.positions < positions[0]).sum())
+            positions = torch.cat((old.positions[:keep], positions))
+            new_keys = [torch.cat((k[:, :keep], n), 1) for k, n in zip(old.keys, new_keys)]
+            new_values = [torch.cat((v[:, :keep], n), 1) for v, n in zip(old.values, new_values)]
+        if not self.options.cache_enabled:
+            return
+        limit = self.options.cache_max_tokens
+        if positions.numel() > limit:
+            # Only the most recent context fits the budget: attend to that window.
+            positions = positions[-limit:]
+            new_keys = [k[:, -limit:] for k in new_keys]
+            new_values = [v[:, -limit:] for v in new_values]
+        while self._cached_tokens + positions.numel() > limit and self._contexts:
+            _, evicted = self._contexts.popitem(last=False)
+            self._cached_tokens -= evicted.positions.numel()
+        self._contexts[req_id] = _RequestContext(positions, new_keys, new_values)
+        self._cached_tokens += positions.numel()
+
+    def forget(self, req_id: str) -> None:
+        entry = self._contexts.pop(req_id, None)
+        if entry is not None:
+            self._cached_tokens -= entry.positions.numel()
+
+    @torch.inference_mode()
+    def draft(
+        self,
+        contexts: Sequence[Sequence[int]],
+        lengths: Sequence[int],
+        *,
+        req_ids: Sequence[str] | None = None,
+    ) -> DraftBlock:
+        """One pass per request: the block begins at the first position the target has no
+        features for (the token vLLM just sampled, then any tokens drafted since) and its masks
+        fill the rest of ``block_size``; at most block_size - len(known part) tokens come out."""
+        if req_ids is None:
+            raise ValueError(
+                "a DFlash drafter drafts from the target's hidden states, which arrive per "
+                "request: call draft with req_ids after observe()"
+            )
+        block_size = self.config.block_size
+        rows = []
+        for context, length, req_id in zip(contexts, lengths, req_ids):
+            entry = self._contexts.get(req_id)
+            if entry is not None:
+                self._contexts.move_to_end(req_id)
+            known_until = len(context) - 1
+            if entry is None:
+                start = known_until  # no features: the block starts at the last token alone
+                keep = 0
+            else:
+                keep = int((entry.positions < known_until).sum())
+                start = int(entry.positions[keep - 1]) + 1 if keep else known_until
+                start = max(start, len(context) - block_size + 1)
+            known = list(context[start:]) if length > 0 else []
+            room = block_size - len(known)
+            rows.append((entry, keep, start, known, max(0, min(length, room))))
+        drafted = [n for *_, n in rows]
+        width = max(drafted, default=0)
+        vocab = self.target_vocab_size
+        logits = torch.full((len(rows), width, vocab), float("-inf"), device=self.device)
+        active = [i for i, n in enumerate(drafted) if n > 0]
+        if not active:
+            return DraftBlock(logits=logits, lengths=drafted)
+        hidden = self._block_hidden([rows[i] for i in active])
+        for out_row, i in enumerate(active):
+            entry, keep, start, known, n = rows[i]
+            head_in = hidden[out_row, len(known) : len(known) + n]
+            scores = head_in @ self.head_weight.T
+            if self.draft_ids is None:
+                logits[i, :n] = scores.float()
+            else:
+                logits[i, :n, self.draft_ids] = scores.float()
+        return DraftBlock(logits=logits, lengths=drafted)
+
+    def _block_hidden(self, rows: list[tuple]) -> torch.Tensor:
+        """Hidden states of every row's block [rows, block_size, hidden], batched with the
+        contexts right-padded and masked."""
+        block_size = self.config.block_size
+        n_context = max(keep for _, keep, *_ in rows)
+        batch = len(rows)
+        ids = torch.full((batch, block_size), self.config.mask_token_id, dtype=torch.long)
+        positions = torch.zeros(batch, block_size, dtype=torch.long)
+        mask = torch.zeros(batch, block_size, n_context + block_size, dtype=torch.bool)
+        mask[:, :, n_context:] = True
+        layers = self.config.num_hidden_layers
+        kv_shape = (batch, self.config.num_key_value_heads, n_context, self.config.head_dim)
+        keys = [torch.zeros(kv_shape, device=self.device, dtype=self.dtype) for _ in range(layers)]
+        values = [torch.zeros_like(k) for k in keys]
+        for row, (entry, keep, start, known, _) in enumerate(rows):
+            ids[row, : len(known)] = torch.tensor(known, dtype=torch.long)
+            positions[row] = torch.arange(start, start + block_size)
+            mask[row, :, :keep] = True
+            for layer in range(layers if keep else 0):
+                keys[layer][row, :, :keep] = entry.keys[layer][:, :keep]
+                values[layer][row, :, :keep] = entry.values[layer][:, :keep]
+        embeds = F.embedding(ids.to(self.device), self.embed_weight)
+        return self.network.block_hidden(
+            embeds, positions.to(self.device), list(zip(keys, values)), mask.to(self.device)
+        )
+
+
+def target_embedding_and_head(target_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target checkpoint's input embedding and LM head (the same tensor when tied), read
+    alone from its safetensors files."""
+    wanted = {"model.embed_tokens.weight": "embed", "lm_head.weight": "head"}
+    found: dict[str, torch.Tensor] = {}
+    try:
+        files = safetensors_files(target_dir)
+    except DrafterLoadError as err:
+        raise DrafterLoadError(f"target checkpoint for the DFlash drafter: {err}") from None
+    for shard in files:
+        with safe_open(str(shard), "pt", device="cpu") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if name in wanted:
+                    found[wanted[name]] = handle.get_tensor(name)
+    if "embed" not in found:
+        raise DrafterLoadError(
+            f"target checkpoint {target_dir} has no model.embed_tokens.weight for the DFlash "
+            "drafter to share"
+        )
+    tied = json.loads((target_dir / "config.json").read_text()).get("tie_word_embeddings", False)
+    head = found.get("head", found["embed"] if tied else None)
+    if head is None:
+        raise DrafterLoadError(f"target checkpoint {target_dir} has no lm_head.weight")
+    return found["embed"], head
+
+
+def save_dflash_network(
+    network: DFlashNetwork,
+    path: str | Path,
+    *,
+    draft_to_target: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> None:
+    """Write config.json + model.safetensors in z-lab's DFlash layout (plus ``d2t`` if given)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {
+        name: t.detach().to("cpu", dtype).contiguous() for name, t in network.state_dict().items()
+    }
+    if draft_to_target is not None:
+        state[DRAFT_TO_TARGET] = draft_to_target.to("cpu", torch.long).contiguous()
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(network.config.to_dict(), indent=2) + "\n")

@@ -1,0 +1,257 @@
+"""The DFlash recipe: train a block drafter on the target's own hidden states.
+
+Data are the target's greedy answers (prompt + output token ids) and, for every position, the
+target's hidden states from the drafter's chosen layers, computed once before training. Each
+training row is one answer with several random anchors in its output: an anchor a opens the
+block [x_a, MASK, ...] at positions a .. a + block_size - 1, which sees the target features of
+positions < a (causal to the context) and the whole block (bidirectional inside), exactly what
+the drafter sees when vLLM has just sampled x_a. Position j of the block is trained to predict
+x_(a+j), with cross-entropy weighted by exp(-(j - 1) / gamma): early positions matter most,
+since a draft is accepted only up to its first miss.
+
+The target's embeddings and LM head are shared and frozen; with a draft vocabulary only its rows
+of the head are scored (targets outside it are left out of the loss: the drafter cannot propose
+them anyway).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dlmspec_vllm.drafters.dflash import DFlashConfig, DFlashNetwork
+
+
+@dataclass
+class FeatureSequence:
+    """One training answer: its token ids, where the output starts, and the target's hidden
+    states at every position ([len(tokens), len(layers) * hidden], any float dtype)."""
+
+    tokens: list[int]
+    prompt_length: int
+    features: torch.Tensor
+
+
+@torch.no_grad()
+def target_features(
+    target: torch.nn.Module,
+    token_rows: Sequence[Sequence[int]],
+    layer_ids: Sequence[int],
+    *,
+    storage_dtype: torch.dtype = torch.bfloat16,
+) -> list[torch.Tensor]:
+    """The target's hidden states after each of ``layer_ids`` (0 = first decoder layer),
+    concatenated per position, for every row (one forward pass per row, no padding)."""
+    device = next(target.parameters()).device
+    out = []
+    for row in token_rows:
+        ids = torch.tensor([list(row)], device=device)
+        states = target(input_ids=ids, output_hidden_states=True).hidden_states
+        out.append(torch.cat([states[i + 1][0] for i in layer_ids], -1).to("cpu", storage_dtype))
+    return out
+
+
+def draft_vocabulary(sequences: Sequence[FeatureSequence], size: int) -> torch.Tensor:
+    """The ``size`` target token ids most frequent in the answers' outputs, ascending."""
+    counts: dict[int, int] = {}
+    for sequence in sequences:
+        for token in sequence.tokens[sequence.prompt_length :]:
+            counts[token] = counts.get(token, 0) + 1
+    ranked = sorted(counts, key=lambda t: (-counts[t], t))[:size]
+    return torch.tensor(sorted(ranked), dtype=torch.long)
+
+
+class AnchorSampler:
+    """Batches of answers with random anchors in their outputs; its state can be saved."""
+
+    def __init__(
+        self,
+        sequences: Sequence[FeatureSequence],
+        *,
+        batch_size: int,
+        anchors: int,
+        seed: int,
+    ) -> None:
+        usable = [s for s in sequences if len(s.tokens) - 1 > s.prompt_length]
+        if not usable:
+            raise ValueError("no training answer has an output of two tokens or more")
+        self.sequences = usable
+        self.batch_size = batch_size
+        self.anchors = anchors
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> tuple[list[FeatureSequence], list[list[int]]]:
+        picks = torch.randint(len(self.sequences), (self.batch_size,), generator=self.generator)
+        rows, anchors = [], []
+        for pick in picks.tolist():
+            sequence = self.sequences[pick]
+            low, high = sequence.prompt_length, len(sequence.tokens) - 2
+            chosen = torch.randint(low, high + 1, (self.anchors,), generator=self.generator)
+            rows.append(sequence)
+            anchors.append(sorted(chosen.tolist()))
+        return rows, anchors
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+@dataclass
+class BlockLoss:
+    loss: torch.Tensor
+    first_accuracy: float  # share of anchors whose first drafted token is right
+    mean_run: float  # mean count of leading right tokens per block (accepted-length proxy)
+
+
+def dflash_loss(
+    network: DFlashNetwork,
+    rows: Sequence[FeatureSequence],
+    anchors: Sequence[Sequence[int]],
+    *,
+    embed_weight: torch.Tensor,
+    head_weight: torch.Tensor,
+    target_to_draft: torch.Tensor | None,
+    gamma: float,
+) -> BlockLoss:
+    """Weighted block cross-entropy of a batch (see the module docstring).
+
+    head_weight: the rows of the target's LM head the drafter scores (all, or the draft
+    vocabulary's); target_to_draft: [target vocab] index of each target id in those rows, -1
+    for ids outside the draft vocabulary (None: all ids, index = id).
+    """
+    config = network.config
+    device = embed_weight.device
+    block = config.block_size
+    batch = len(rows)
+    length = max(len(r.tokens) for r in rows)
+    per_row = max(len(a) for a in anchors)
+    queries = per_row * block
+    tokens = torch.zeros(batch, length, dtype=torch.long)
+    features = torch.zeros(batch, length, network.fc.in_features)
+    valid = torch.zeros(batch, length, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        n = len(row.tokens)
+        tokens[b, :n] = torch.tensor(row.tokens)
+        features[b, :n] = row.features.float()
+        valid[b, :n] = True
+
+    offsets = torch.arange(block)
+    anchor_pos = torch.zeros(batch, per_row, dtype=torch.long)
+    anchor_ok = torch.zeros(batch, per_row, dtype=torch.bool)
+    for b, row_anchors in enumerate(anchors):
+        anchor_pos[b, : len(row_anchors)] = torch.tensor(row_anchors)
+        anchor_ok[b, : len(row_anchors)] = True
+    positions = (anchor_pos[:, :, None] + offsets).reshape(batch, queries)
+    ids = torch.full((batch, per_row, block), config.mask_token_id, dtype=torch.long)
+    ids[:, :, 0] = tokens.gather(1, anchor_pos)
+    label_pos = positions.clamp_max(length - 1)
+    labels = tokens.gather(1, label_pos).view(batch, per_row, block)
+    has_label = (positions < length).view(batch, per_row, block)
+    has_label &= valid.gather(1, label_pos).view(batch, per_row, block)
+    has_label &= anchor_ok[:, :, None]
+    has_label[:, :, 0] = False
+
+    # Queries of anchor k see context positions < a_k and their own block only.
+    context_mask = torch.arange(length)[None, None, :] < anchor_pos[:, :, None]
+    context_mask &= valid[:, None, :]
+    block_of = torch.arange(queries) // block
+    own_block = block_of[:, None] == block_of[None, :]
+    mask = torch.cat(
+        (
+            context_mask.repeat_interleave(block, dim=1),
+            own_block[None].expand(batch, queries, queries),
+        ),
+        dim=2,
+    )
+
+    context = network.context_keys_values(
+        features.to(device), torch.arange(length, device=device).expand(batch, length)
+    )
+    embeds = F.embedding(ids.view(batch, queries).to(device), embed_weight)
+    hidden = network.block_hidden(embeds, positions.to(device), context, mask.to(device))
+    hidden = hidden.view(batch, per_row, block, -1)[:, :, 1:]
+    labels, has_label = labels[:, :, 1:].to(device), has_label[:, :, 1:].to(device)
+    if target_to_draft is not None:
+        labels = target_to_draft.to(device)[labels]
+        has_label &= labels >= 0
+    logits = hidden[has_label] @ head_weight.T
+    ce = F.cross_entropy(logits.float(), labels[has_label], reduction="none")
+    weights = torch.exp(-torch.arange(block - 1, device=device, dtype=torch.float32) / gamma)
+    weights = weights.expand_as(has_label)[has_label]
+    loss = (ce * weights).sum() / weights.sum().clamp_min(1e-6)
+
+    with torch.no_grad():
+        right = torch.zeros_like(has_label)
+        right[has_label] = logits.argmax(-1) == labels[has_label]
+        run = torch.cumprod(right.long(), dim=-1).sum(-1)  # leading right tokens per block
+        counted = anchor_ok.to(device) & has_label[:, :, 0]
+        first = right[:, :, 0][counted].float().mean().item() if counted.any() else math.nan
+        mean_run = run[counted].float().mean().item() if counted.any() else math.nan
+    return BlockLoss(loss=loss, first_accuracy=first, mean_run=mean_run)
+
+
+def dflash_from_target(
+    target: torch.nn.Module,
+    *,
+    layers: int,
+    block_size: int,
+    mask_token_id: int,
+    target_layer_ids: Sequence[int],
+) -> DFlashNetwork:
+    """A DFlash network for a transformers Llama/Qwen2/Qwen3 target, started from its weights.
+
+    The drafter's layers start as copies of the target's last ``layers`` decoder layers (q/k
+    norms at one), ``fc`` reads the deepest chosen target layer alone and ``hidden_norm`` is the
+    input norm of the layer after it: at step 0 the first drafter layer sees the context much as
+    the target's next layer does. Random starts learned far slower on a CPU budget.
+    """
+    source = target.config
+    config = DFlashConfig(
+        hidden_size=source.hidden_size,
+        intermediate_size=source.intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=source.num_attention_heads,
+        num_key_value_heads=source.num_key_value_heads,
+        head_dim=getattr(source, "head_dim", None)
+        or source.hidden_size // source.num_attention_heads,
+        rms_norm_eps=source.rms_norm_eps,
+        rope_theta=_rope_theta(source),
+        block_size=block_size,
+        mask_token_id=mask_token_id,
+        target_layer_ids=tuple(target_layer_ids),
+        num_target_layers=source.num_hidden_layers,
+        target_hidden_size=source.hidden_size,
+        vocab_size=source.vocab_size,
+        max_position_embeddings=source.max_position_embeddings,
+        attention_bias=bool(getattr(source, "attention_bias", False)),
+    )
+    network = DFlashNetwork(config)
+    decoder = target.model.layers
+    copied = decoder[len(decoder) - layers :]
+    with torch.no_grad():
+        for mine, theirs in zip(network.layers, copied):
+            own = mine.state_dict()
+            theirs_state = theirs.state_dict()
+            own.update({k: v.clone().float() for k, v in theirs_state.items() if k in own})
+            mine.load_state_dict(own)
+        width = config.target_hidden_size
+        network.fc.weight.zero_()
+        deepest = len(target_layer_ids) - 1
+        network.fc.weight[:, deepest * width : (deepest + 1) * width] = torch.eye(width)
+        after = min(max(target_layer_ids) + 1, len(decoder) - 1)
+        network.hidden_norm.weight.copy_(decoder[after].input_layernorm.weight.float())
+        network.norm.weight.copy_(target.model.norm.weight.float())
+    return network
+
+
+def _rope_theta(config: object) -> float:
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    return float(theta)

@@ -1,0 +1,228 @@
+"""The DFlash drafter without vLLM: layout, per-request context cache, batching, and that the
+training loss scores exactly what drafting computes.
+
+A random network in the z-lab layout is enough for these: every check compares two ways of
+computing the same numbers (incremental vs from scratch, batched vs alone, training vs drafting).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dlmspec_vllm.drafters.base import TargetConditionedDrafter, TargetFeatures
+from dlmspec_vllm.drafters.dflash import (
+    DFlashConfig,
+    DFlashDrafter,
+    DFlashNetwork,
+    default_target_layer_ids,
+    save_dflash_network,
+)
+from dlmspec_vllm.drafters.loading import DrafterLoadError, load_drafter
+from dlmspec_vllm.training.dflash import FeatureSequence, dflash_loss, draft_vocabulary
+
+VOCAB, HIDDEN, MASK = 96, 32, 95
+CONFIG = DFlashConfig(
+    hidden_size=HIDDEN,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    block_size=6,
+    mask_token_id=MASK,
+    target_layer_ids=(0, 2),
+    num_target_layers=4,
+    target_hidden_size=HIDDEN,
+    vocab_size=VOCAB,
+)
+FEATURES = len(CONFIG.target_layer_ids) * HIDDEN
+
+
+@pytest.fixture(scope="module")
+def parts() -> tuple[DFlashNetwork, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    network = DFlashNetwork(CONFIG)
+    for parameter in network.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    return network.eval(), torch.randn(VOCAB, HIDDEN), torch.randn(VOCAB, HIDDEN)
+
+
+def make_drafter(parts, draft_to_target=None, **options) -> DFlashDrafter:
+    network, embed, head = parts
+    return DFlashDrafter(
+        network,
+        embed_weight=embed,
+        head_weight=head,
+        draft_to_target=draft_to_target,
+        target_vocab_size=VOCAB,
+    )
+
+
+def direct_logits(parts, tokens, features, anchor, n):
+    """Block logits computed from scratch: context = features of positions < anchor."""
+    network, embed, head = parts
+    context = network.context_keys_values(features[None, :anchor], torch.arange(anchor)[None])
+    ids = torch.full((1, CONFIG.block_size), MASK)
+    ids[0, 0] = tokens[anchor]
+    mask = torch.ones(1, CONFIG.block_size, anchor + CONFIG.block_size, dtype=torch.bool)
+    positions = torch.arange(anchor, anchor + CONFIG.block_size)[None]
+    with torch.no_grad():
+        hidden = network.block_hidden(torch.nn.functional.embedding(ids, embed), positions,
+                                      context, mask)
+    return hidden[0, 1 : 1 + n] @ head.T
+
+
+def test_incremental_context_with_rejected_drafts_equals_from_scratch(parts):
+    drafter = make_drafter(parts)
+    tokens = torch.randint(0, MASK, (30,)).tolist()
+    features = torch.randn(30, FEATURES)
+    # Prefill in two chunks, then a step whose features for positions 14..17 belong to drafts
+    # the target rejected, then the step that replaces them from position 14 on.
+    drafter.observe("r", TargetFeatures(torch.arange(0, 8), features[:8]))
+    drafter.observe("r", TargetFeatures(torch.arange(8, 14), features[8:14]))
+    drafter.observe("r", TargetFeatures(torch.arange(14, 18), torch.randn(4, FEATURES)))
+    drafter.observe("r", TargetFeatures(torch.arange(14, 20), features[14:20]))
+    block = drafter.draft([tokens[:21]], [4], req_ids=["r"])
+    assert block.lengths == [4]
+    torch.testing.assert_close(block.logits[0], direct_logits(parts, tokens, features, 20, 4))
+    assert drafter.num_cached_tokens == 20
+
+
+def test_batched_rows_of_different_context_lengths_equal_each_alone(parts):
+    drafter = make_drafter(parts)
+    features = torch.randn(25, FEATURES)
+    tokens = torch.randint(0, MASK, (25,)).tolist()
+    drafter.observe("long", TargetFeatures(torch.arange(20), features[:20]))
+    drafter.observe("short", TargetFeatures(torch.arange(5), features[:5]))
+    together = drafter.draft([tokens[:21], tokens[:6]], [5, 2], req_ids=["long", "short"])
+    assert together.lengths == [5, 2]
+    alone = drafter.draft([tokens[:6]], [2], req_ids=["short"])
+    torch.testing.assert_close(together.logits[1, :2], alone.logits[0])
+    assert torch.isinf(together.logits[1, 2:]).all()
+
+
+def test_block_room_limits_length_and_drafted_tokens_join_the_block(parts):
+    drafter = make_drafter(parts)
+    features = torch.randn(12, FEATURES)
+    drafter.observe("r", TargetFeatures(torch.arange(10), features[:10]))
+    tokens = torch.randint(0, MASK, (14,)).tolist()
+    # Block of 6: the anchor plus 5 masks at most.
+    assert drafter.draft([tokens[:11]], [40], req_ids=["r"]).lengths == [5]
+    # A further pass after 2 drafted tokens: 3 known block tokens leave room for 3.
+    assert drafter.draft([tokens[:13]], [40], req_ids=["r"]).lengths == [3]
+    assert drafter.draft([tokens[:11]], [0], req_ids=["r"]).lengths == [0]
+
+
+def test_forget_and_token_budget_free_the_cache(parts):
+    network, embed, head = parts
+    from dlmspec_vllm.drafters.base import DraftingOptions
+
+    drafter = DFlashDrafter(
+        network, embed_weight=embed, head_weight=head, draft_to_target=None,
+        target_vocab_size=VOCAB, options=DraftingOptions(cache_max_tokens=16),
+    )  # fmt: skip
+    drafter.observe("a", TargetFeatures(torch.arange(10), torch.randn(10, FEATURES)))
+    drafter.observe("b", TargetFeatures(torch.arange(10), torch.randn(10, FEATURES)))
+    assert drafter.num_cached_requests == 1 and drafter.num_cached_tokens == 10  # "a" evicted
+    drafter.forget("b")
+    assert drafter.num_cached_requests == 0 and drafter.num_cached_tokens == 0
+
+
+def test_draft_vocabulary_scores_only_its_ids(parts):
+    draft_ids = torch.tensor([3, 7, 8, 40])
+    drafter = make_drafter(parts, draft_to_target=draft_ids - torch.arange(4))
+    drafter.observe("r", TargetFeatures(torch.arange(5), torch.randn(5, FEATURES)))
+    block = drafter.draft([[1, 2, 3, 4, 5, 6]], [3], req_ids=["r"])
+    finite = torch.isfinite(block.logits[0]).nonzero()[:, 1].unique()
+    assert finite.tolist() == draft_ids.tolist()
+    assert set(block.argmax_tokens()[0]) <= set(draft_ids.tolist())
+
+
+def test_training_loss_scores_what_drafting_computes(parts):
+    """The loss's logits for an anchor are the drafter's logits for the same context: the
+    recipe trains exactly the computation that drafts."""
+    network, embed, head = parts
+    tokens = torch.randint(0, MASK, (24,)).tolist()
+    features = torch.randn(24, FEATURES)
+    sequence = FeatureSequence(tokens, prompt_length=4, features=features)
+    anchor = 12
+    labels = tokens[anchor + 1 : anchor + CONFIG.block_size]
+    logits = direct_logits(parts, tokens, features, anchor, CONFIG.block_size - 1)
+    weights = torch.exp(-torch.arange(CONFIG.block_size - 1.0) / 7.0)
+    ce = torch.nn.functional.cross_entropy(logits, torch.tensor(labels), reduction="none")
+    expected = (ce * weights).sum() / weights.sum()
+    # Two anchors in one row must not see each other's blocks.
+    with torch.no_grad():
+        alone = dflash_loss(network, [sequence], [[anchor]], embed_weight=embed,
+                            head_weight=head, target_to_draft=None, gamma=7.0)
+        paired = dflash_loss(network, [sequence, sequence], [[anchor, 5], [anchor, 5]],
+                             embed_weight=embed, head_weight=head, target_to_draft=None,
+                             gamma=7.0)
+        other = dflash_loss(network, [sequence], [[5]], embed_weight=embed, head_weight=head,
+                            target_to_draft=None, gamma=7.0)
+    torch.testing.assert_close(alone.loss, expected)
+    torch.testing.assert_close(paired.loss, (alone.loss + other.loss) / 2, rtol=0.05, atol=0)
+
+
+def test_draft_vocabulary_is_the_most_frequent_output_tokens():
+    rows = [FeatureSequence([9, 9, 1, 1, 1, 2, 3, 3], 2, torch.zeros(8, 1))]
+    assert draft_vocabulary(rows, 2).tolist() == [1, 3]  # prompt tokens (9) do not count
+
+
+def test_default_target_layers_follow_dflash():
+    assert default_target_layer_ids(36, 5) == (1, 9, 17, 25, 33)
+    assert default_target_layer_ids(30, 1) == (15,)
+
+
+def test_saved_checkpoint_is_the_zlab_layout_and_loads(parts, tmp_path, tiny_target_like):
+    network, _, _ = parts
+    save_dflash_network(network, tmp_path / "drafter", dtype=torch.float32)
+    config = json.loads((tmp_path / "drafter" / "config.json").read_text())
+    assert config["architectures"] == ["DFlashDraftModel"] and config["model_type"] == "qwen3"
+    assert config["dflash_config"] == {"mask_token_id": MASK, "target_layer_ids": [0, 2]}
+    names = set(load_file(tmp_path / "drafter" / "model.safetensors"))
+    assert {"fc.weight", "hidden_norm.weight", "norm.weight"} <= names
+    assert "layers.1.self_attn.k_norm.weight" in names and "layers.0.mlp.down_proj.weight" in names
+    assert not any("embed" in n or "lm_head" in n for n in names)
+
+    drafter = load_drafter(tmp_path / "drafter", target_vocab_size=VOCAB,
+                           target_dir=tiny_target_like)
+    assert isinstance(drafter, TargetConditionedDrafter)
+    assert drafter.target_layer_ids == (0, 2)
+
+
+def test_wrong_target_or_no_target_is_a_clear_error(parts, tmp_path, tiny_target_like):
+    network, _, _ = parts
+    save_dflash_network(network, tmp_path / "drafter")
+    with pytest.raises(DrafterLoadError, match="target's checkpoint directory"):
+        load_drafter(tmp_path / "drafter", target_vocab_size=VOCAB)
+    other = tmp_path / "other_target"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+    save_file({"model.embed_tokens.weight": torch.zeros(VOCAB, HIDDEN * 2)},
+              str(other / "model.safetensors"))
+    with pytest.raises(DrafterLoadError, match="trained for another target"):
+        load_drafter(tmp_path / "drafter", target_vocab_size=VOCAB, target_dir=other)
+
+
+def test_drafting_without_request_ids_says_why(parts):
+    with pytest.raises(ValueError, match="hidden states"):
+        make_drafter(parts).draft([[1, 2, 3]], [2])
+
+
+@pytest.fixture
+def tiny_target_like(tmp_path) -> Path:
+    """A target checkpoint directory with just the tensors a DFlash drafter shares."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
+    save_file({"model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN),
+               "lm_head.weight": torch.randn(VOCAB, HIDDEN)}, str(target / "model.safetensors"))
+    return target
