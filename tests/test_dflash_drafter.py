@@ -108,15 +108,21 @@ def test_batched_rows_of_different_context_lengths_equal_each_alone(parts):
     assert torch.isinf(together.logits[1, 2:]).all()
 
 
-def test_block_room_limits_length_and_drafted_tokens_join_the_block(parts):
+def test_drafts_longer_than_a_block_continue_in_further_passes(parts):
     drafter = make_drafter(parts)
     features = torch.randn(12, FEATURES)
     drafter.observe("r", TargetFeatures(torch.arange(10), features[:10]))
     tokens = torch.randint(0, MASK, (14,)).tolist()
-    # Block of 6: the anchor plus 5 masks at most.
-    assert drafter.draft([tokens[:11]], [40], req_ids=["r"]).lengths == [5]
-    # A further pass after 2 drafted tokens: 3 known block tokens leave room for 3.
-    assert drafter.draft([tokens[:13]], [40], req_ids=["r"]).lengths == [3]
+    # Block of 6: the anchor plus 5 masks; 12 tokens take three passes.
+    long = drafter.draft([tokens[:11]], [12], req_ids=["r"])
+    assert long.lengths == [12]
+    first = drafter.draft([tokens[:11]], [5], req_ids=["r"])
+    torch.testing.assert_close(long.logits[0, :5], first.logits[0])
+    # The second pass's block holds the last half-block (3) of the drafted tokens, then masks.
+    drafted = first.argmax_tokens()[0]
+    second = drafter.draft([tokens[:11] + drafted], [3], req_ids=["r"])
+    assert second.lengths == [3]
+    torch.testing.assert_close(long.logits[0, 5:8], second.logits[0])
     assert drafter.draft([tokens[:11]], [0], req_ids=["r"]).lengths == [0]
 
 

@@ -409,9 +409,41 @@ class DFlashDrafter:
         *,
         req_ids: Sequence[str] | None = None,
     ) -> DraftBlock:
-        """One pass per request: the block begins at the first position the target has no
-        features for (the token vLLM just sampled, then any tokens drafted since) and its masks
-        fill the rest of ``block_size``; at most block_size - len(known part) tokens come out."""
+        """A block per request: it begins at the first position the target has no features for
+        (the token vLLM just sampled, then any tokens drafted since) and its masks fill the rest
+        of ``block_size``. A request that asks for more than the block holds gets further
+        passes, each block starting after the tokens the last one drafted (its argmax)."""
+        first = self._draft_one_pass(contexts, lengths, req_ids)
+        remaining = [want - got for want, got in zip(lengths, first.lengths)]
+        more = [i for i, n in enumerate(remaining) if n > 0 and first.lengths[i] > 0]
+        if not more:
+            return first
+        drafted = first.argmax_tokens()
+        rest = self.draft(
+            [list(contexts[i]) + drafted[i] for i in more],
+            [remaining[i] for i in more],
+            req_ids=[req_ids[i] for i in more] if req_ids is not None else None,
+        )
+        lengths_out = list(first.lengths)
+        for row, i in enumerate(more):
+            lengths_out[i] += rest.lengths[row]
+        logits = torch.full(
+            (len(lengths_out), max(lengths_out), self.target_vocab_size),
+            float("-inf"),
+            device=self.device,
+        )
+        logits[:, : first.logits.shape[1]] = first.logits
+        for row, i in enumerate(more):
+            done, extra = first.lengths[i], rest.lengths[row]
+            logits[i, done : done + extra] = rest.logits[row, :extra]
+        return DraftBlock(logits=logits, lengths=lengths_out)
+
+    def _draft_one_pass(
+        self,
+        contexts: Sequence[Sequence[int]],
+        lengths: Sequence[int],
+        req_ids: Sequence[str] | None,
+    ) -> DraftBlock:
         if req_ids is None:
             raise ValueError(
                 "a DFlash drafter drafts from the target's hidden states, which arrive per "
@@ -430,7 +462,9 @@ class DFlashDrafter:
             else:
                 keep = int((entry.positions < known_until).sum())
                 start = int(entry.positions[keep - 1]) + 1 if keep else known_until
-                start = max(start, len(context) - block_size + 1)
+                # Tokens drafted since the features end join the block, but at most half of
+                # it: the rest must stay masks for a pass to draft anything worth its cost.
+                start = max(start, len(context) - block_size // 2)
             known = list(context[start:]) if length > 0 else []
             room = block_size - len(known)
             rows.append((entry, keep, start, known, max(0, min(length, room))))
