@@ -54,3 +54,19 @@ def test_a_moved_signature_is_reported():
     assert Target().method(1, 2) == 30
     with pytest.raises(AlreadyPatched):
         TargetMethodPatch.apply()
+
+
+def test_both_runners_load_models_through_the_patched_aux_layer_setup():
+    """Target hidden states are switched on in `_setup_eagle3_aux_hidden_state_outputs`, which
+    the GPU and the CPU runner's load_model call after loading the drafter; a release that stops
+    calling it (or overrides it in the CPU runner) would silently starve the drafter."""
+    import inspect
+
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    name = "_setup_eagle3_aux_hidden_state_outputs"
+    for runner in (GPUModelRunner, CPUModelRunner):
+        source = inspect.getsource(runner.load_model)
+        assert source.index("self.drafter.load_model(") < source.index(f"self.{name}()")
+    assert name not in vars(CPUModelRunner)

@@ -19,14 +19,19 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from dlmspec_vllm.config import DlmSpeculativeConfig
 from dlmspec_vllm.control import CostAwareController, LengthController
-from dlmspec_vllm.drafters.base import Drafter, DraftingOptions
+from dlmspec_vllm.drafters.base import (
+    Drafter,
+    DraftingOptions,
+    TargetConditionedDrafter,
+    TargetFeatures,
+)
 from dlmspec_vllm.drafters.loading import load_drafter, resolve_checkpoint_dir
 from dlmspec_vllm.lattice.chooser import PathChooser
 
@@ -41,10 +46,18 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class StepBatch:
-    """What the runner knows about the step whose drafts are being proposed."""
+    """What the runner knows about the step whose drafts are being proposed.
+
+    req_ids: the request of every batch row.
+    scheduled_draft_counts: per request, how many of its drafts vLLM verified this step.
+    target_features: only for a TargetConditionedDrafter, per request with new tokens: the
+        target's hidden states at the drafter's layers for the tokens that joined its sequence
+        this step (the prompt chunk, or the last token plus the accepted drafts).
+    """
 
     req_ids: list[str]
     scheduled_draft_counts: dict[str, int]
+    target_features: dict[str, TargetFeatures] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,6 +135,14 @@ class DlmProposer:
             self.settings.num_speculative_tokens,
         )
 
+    @property
+    def target_layer_ids(self) -> tuple[int, ...] | None:
+        """The target layers (DFlash numbering) whose outputs the drafter reads, if any; the
+        runner patch asks the target for them once the models are loaded."""
+        if isinstance(self.drafter, TargetConditionedDrafter):
+            return tuple(self.drafter.target_layer_ids)
+        return None
+
     def begin_step(self, step: StepBatch) -> None:
         self._step = step
 
@@ -174,6 +195,7 @@ class DlmProposer:
 
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
         try:
+            self._hand_over_target_features(step)
             self._draft_in_passes(pending)
         except Exception:
             # A failed draft must not fail the requests: this step simply has no drafts.
@@ -193,6 +215,15 @@ class DlmProposer:
         self._last_mean_draft = sum(len(d) for d in drafts) / len(pending) if pending else 0.0
         self._last_step_end = finished
         return drafts
+
+    def _hand_over_target_features(self, step: StepBatch) -> None:
+        """Before drafting, the drafter learns what the target computed for every request in
+        the batch this step (also those that draft nothing now, e.g. mid-prefill)."""
+        if not step.target_features:
+            return
+        drafter = cast(TargetConditionedDrafter, self.drafter)
+        for req_id, features in step.target_features.items():
+            drafter.observe(req_id, features)
 
     def _report_draft_failure(self) -> None:
         self.failed_draft_steps += 1

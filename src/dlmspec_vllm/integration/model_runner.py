@@ -1,4 +1,5 @@
-"""Tell our proposer which request each batch row is, and which requests have ended.
+"""Tell our proposer which request each batch row is, which requests have ended, and what the
+target computed for them.
 
 vLLM's `custom_class` proposers see only rows of token ids. Per-request draft-length
 controllers need to know which request each row is and how many of its drafts vLLM actually
@@ -6,19 +7,133 @@ scheduled (wrapped draft step), and which requests finished or were preempted, s
 is freed. Ended requests are announced at the start of the next model step, which vLLM runs
 even when nothing else is scheduled; the draft step does not run then, so that news is taken
 from `execute_model`.
+
+A drafter that reads the target's hidden states (`TargetConditionedDrafter`) gets them the way
+vLLM's eagle3/dflash proposers do: once the models are loaded, the target is asked for its
+auxiliary hidden states at the drafter's layers (`set_aux_hidden_state_layers`), and every draft
+step hands the proposer, per request, the states of the tokens that became part of its sequence
+in that step (`target_features_of_step`).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.model_executor.models.interfaces import supports_eagle3
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from dlmspec_vllm.drafters.base import TargetFeatures
 from dlmspec_vllm.integration.patching import MethodPatch
 from dlmspec_vllm.proposer import DlmProposer, StepBatch
+
+logger = logging.getLogger(__name__)
+
+# Set on the runner once the target returns the drafter's layers: a TargetLayerPlan.
+PLAN_ATTRIBUTE = "dlmspec_target_layers"
+
+
+class TargetLayersError(ValueError):
+    """The target model cannot give the drafter the hidden states it reads."""
+
+
+@dataclass(frozen=True)
+class TargetLayerPlan:
+    """How the drafter's target layers map onto vLLM's auxiliary hidden states.
+
+    vllm_layers: what `set_aux_hidden_state_layers` is given. vLLM's aux id j is the input of
+        decoder layer j (the residual stream before it), so DFlash's id i (output of layer i)
+        is vLLM's i + 1. vLLM collects them sorted and without repeats.
+    order: for each of the drafter's target_layer_ids, in its order, the index of its tensor in
+        the list vLLM returns.
+    """
+
+    vllm_layers: tuple[int, ...]
+    order: tuple[int, ...]
+
+
+def plan_target_layers(
+    target_layer_ids: Sequence[int], model: Any, *, num_layers: int, architecture: str
+) -> TargetLayerPlan:
+    """Check that the target can return these layers' outputs, and how to ask vLLM for them.
+
+    A DFlash id i may be 0 .. num_layers - 2. vLLM also collects the last layer's output, but
+    before the final norm, while Hugging Face's `hidden_states[num_layers]` (what DFlash-style
+    drafters are trained on) is after it: that id is refused rather than silently different.
+    """
+    ids = tuple(target_layer_ids)
+    described = f"the drafter's target_layer_ids {list(ids)}"
+    if not supports_eagle3(model):
+        raise TargetLayersError(
+            f"{described} need the target's hidden states, but vLLM's {architecture} cannot "
+            "return them (it does not implement vLLM's SupportsEagle3 interface): use a target "
+            "architecture that vLLM's eagle3/dflash methods support (e.g. Llama, Qwen2, Qwen3)"
+        )
+    highest = num_layers - 2
+    bad = [i for i in ids if not isinstance(i, int) or not 0 <= i <= highest]
+    if not ids or bad:
+        problem = "are empty" if not ids else f"include {bad}"
+        raise TargetLayersError(
+            f"{described} {problem}, but the target {architecture} has {num_layers} decoder "
+            f"layers: ids (DFlash numbering, i = output of layer i) must be 0..{highest} (the "
+            "last layer's output is only available after the final norm): use a drafter "
+            "trained for this target"
+        )
+    vllm_layers = tuple(sorted({i + 1 for i in ids}))
+    return TargetLayerPlan(vllm_layers, tuple(vllm_layers.index(i + 1) for i in ids))
+
+
+def target_features_of_step(
+    req_ids: Sequence[str],
+    num_scheduled_tokens: Mapping[str, int],
+    scheduled_draft_counts: Mapping[str, int],
+    sampled_token_ids: Sequence[Sequence[int]],
+    num_computed_tokens: np.ndarray,
+    aux_hidden_states: Sequence[torch.Tensor],
+    order: Sequence[int],
+) -> dict[str, TargetFeatures]:
+    """Per request, the target's states for the tokens that joined its sequence this step.
+
+    The step's tokens are laid out request after request, in batch-row order, each request's
+    starting at its position num_computed_tokens[row]. A request keeps all of its scheduled
+    tokens except the drafts the target rejected: a prompt chunk keeps the whole chunk (sampled
+    or not), a decode step with d drafts of which a were accepted keeps its first 1 + a tokens.
+    Positions are on the CPU; hidden states stay where the target computed them, gathered with
+    one index per layer.
+    """
+    rows = len(req_ids)
+    scheduled = np.fromiter((num_scheduled_tokens[r] for r in req_ids), np.int64, rows)
+    drafts = np.fromiter((scheduled_draft_counts.get(r, 0) for r in req_ids), np.int64, rows)
+    sampled = np.fromiter((len(s) for s in sampled_token_ids), np.int64, rows)
+    # A request with drafts always samples; one without keeps its chunk whatever it sampled.
+    accepted = np.clip(sampled - 1, 0, drafts)
+    keep = scheduled - drafts + accepted
+    total = int(keep.sum())
+    if total == 0:
+        return {}
+    owner = np.repeat(np.arange(rows), keep)
+    offset = np.arange(total) - np.repeat(np.cumsum(keep) - keep, keep)
+    flat = (np.cumsum(scheduled) - scheduled)[owner] + offset
+    positions = torch.from_numpy(num_computed_tokens[:rows].astype(np.int64)[owner] + offset)
+    index = torch.from_numpy(flat).to(aux_hidden_states[0].device, non_blocking=True)
+    hidden = torch.cat([aux_hidden_states[j].index_select(0, index) for j in order], dim=-1)
+    counts = keep.tolist()
+    return {
+        req_id: TargetFeatures(p, h)
+        for req_id, n, p, h in zip(req_ids, counts, positions.split(counts), hidden.split(counts))
+        if n
+    }
 
 
 class GPUModelRunnerPatch(MethodPatch):
     target = GPUModelRunner
-    methods = ("execute_model", "propose_draft_token_ids")
+    # `_setup_eagle3_aux_hidden_state_outputs` is where both the GPU and the CPU runner's
+    # load_model end, after the drafter's load_model: the point where eagle3 picks its layers.
+    methods = ("execute_model", "propose_draft_token_ids", "_setup_eagle3_aux_hidden_state_outputs")
     expected_parameters = {
         "execute_model": ("self", "scheduler_output", "intermediate_tensors"),
         "propose_draft_token_ids": (
@@ -33,6 +148,7 @@ class GPUModelRunnerPatch(MethodPatch):
             "common_attn_metadata",
             "slot_mappings",
         ),
+        "_setup_eagle3_aux_hidden_state_outputs": ("self",),
     }
 
     def execute_model(self, scheduler_output, *args, **kwargs):
@@ -44,17 +160,76 @@ class GPUModelRunnerPatch(MethodPatch):
         original = GPUModelRunnerPatch.original("execute_model")
         return original(self, scheduler_output, *args, **kwargs)
 
-    def propose_draft_token_ids(self, scheduler_output, *args, **kwargs):
+    def _setup_eagle3_aux_hidden_state_outputs(self):
+        GPUModelRunnerPatch.original("_setup_eagle3_aux_hidden_state_outputs")(self)
+        drafter = getattr(self, "drafter", None)
+        layer_ids = drafter.target_layer_ids if isinstance(drafter, DlmProposer) else None
+        if layer_ids is None:
+            return
+        model = self.get_model()
+        plan = plan_target_layers(
+            layer_ids,
+            model,
+            num_layers=self.model_config.hf_text_config.num_hidden_layers,
+            architecture=type(model).__name__,
+        )
+        model.set_aux_hidden_state_layers(plan.vllm_layers)
+        self.use_aux_hidden_state_outputs = True
+        setattr(self, PLAN_ATTRIBUTE, plan)
+        if self.cache_config.enable_prefix_caching:
+            logger.warning(
+                "dlm drafter reads target hidden states and prefix caching is on: a prompt "
+                "prefix served from vLLM's cache is not recomputed, so the drafter gets no "
+                "target features for it (its features start after the cached prefix); start "
+                "vLLM with --no-enable-prefix-caching to give the drafter every position"
+            )
+
+    def propose_draft_token_ids(
+        self,
+        scheduler_output,
+        sampled_token_ids,
+        sampling_metadata,
+        hidden_states,
+        sample_hidden_states,
+        aux_hidden_states,
+        *args,
+        **kwargs,
+    ):
         drafter = getattr(self, "drafter", None)
         if isinstance(drafter, DlmProposer):
+            req_ids = list(self.input_batch.req_ids)
+            draft_counts = {
+                req_id: len(tokens)
+                for req_id, tokens in scheduler_output.scheduled_spec_decode_tokens.items()
+            }
+            plan: TargetLayerPlan | None = getattr(self, PLAN_ATTRIBUTE, None)
+            features = {}
+            if plan is not None and aux_hidden_states is not None:
+                features = target_features_of_step(
+                    req_ids,
+                    scheduler_output.num_scheduled_tokens,
+                    draft_counts,
+                    sampled_token_ids,
+                    self.input_batch.num_computed_tokens_cpu,
+                    aux_hidden_states,
+                    plan.order,
+                )
             drafter.begin_step(
                 StepBatch(
-                    req_ids=list(self.input_batch.req_ids),
-                    scheduled_draft_counts={
-                        req_id: len(tokens)
-                        for req_id, tokens in scheduler_output.scheduled_spec_decode_tokens.items()
-                    },
+                    req_ids=req_ids,
+                    scheduled_draft_counts=draft_counts,
+                    target_features=features,
                 )
             )
         original = GPUModelRunnerPatch.original("propose_draft_token_ids")
-        return original(self, scheduler_output, *args, **kwargs)
+        return original(
+            self,
+            scheduler_output,
+            sampled_token_ids,
+            sampling_metadata,
+            hidden_states,
+            sample_hidden_states,
+            aux_hidden_states,
+            *args,
+            **kwargs,
+        )
