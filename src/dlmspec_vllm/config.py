@@ -154,7 +154,8 @@ class DlmSpeculativeConfig(BaseModel):
         default=None,
         ge=1,
         description="Keep only this many most recent context tokens in the drafter's input; "
-        "default: the drafter's own context window.",
+        "default: the drafter's own context window. DFlash drafters read the target's hidden "
+        "states instead of tokens and ignore it (drafting.cache_max_tokens bounds their memory).",
     )
 
     drafting: DraftingSettings = Field(

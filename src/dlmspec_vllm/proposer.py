@@ -89,6 +89,7 @@ class DlmProposer:
         self.target_dtype: torch.dtype = model_config.dtype
         self.eos_token_ids = _eos_ids(model_config.hf_text_config)
         self.target_tokenizer: str = model_config.tokenizer
+        self.target_path: str = model_config.model
         self.controller: LengthController = self.settings.controller.build(
             self.settings.num_speculative_tokens
         )
@@ -125,6 +126,7 @@ class DlmProposer:
             dtype=dtype,
             options=DraftingOptions(**self.settings.drafting.model_dump()),
             target_tokenizer=self.target_tokenizer,
+            target_dir=resolve_checkpoint_dir(self.target_path),
         )
         logger.info(
             "dlm drafter %s loaded on %s (%s); controller %s, at most %d draft tokens per step",
@@ -264,8 +266,15 @@ class DlmProposer:
         active = pending
         while active:
             histories = [r.context + r.tokens for r in active]
+            # A target-conditioned drafter places its block by absolute position, and its
+            # context is the target's features, not these tokens: never clip for it.
+            clipped = (
+                histories
+                if isinstance(self.drafter, TargetConditionedDrafter)
+                else _clip_contexts(histories, self.settings)
+            )
             block = self.drafter.draft(
-                _clip_contexts(histories, self.settings),
+                clipped,
                 [r.next_length for r in active],
                 req_ids=[r.req_id for r in active],
             )
