@@ -232,3 +232,18 @@ def tiny_target_like(tmp_path) -> Path:
     save_file({"model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN),
                "lm_head.weight": torch.randn(VOCAB, HIDDEN)}, str(target / "model.safetensors"))
     return target
+
+
+def test_pairing_needs_no_tokenizer_of_its_own(parts, tmp_path, tiny_target_like):
+    """The drafter embeds and scores with the target's weights, so its ids are the target's;
+    released DFlash checkpoints ship no tokenizer."""
+    from dlmspec_vllm.pairing import check_drafter_pairing
+
+    network, _, _ = parts
+    save_dflash_network(network, tmp_path / "drafter")
+    assert not list((tmp_path / "drafter").glob("tokenizer*"))
+    checked = check_drafter_pairing(str(tmp_path / "drafter"), target_tokenizer="unused")
+    assert checked == tmp_path / "drafter"
+    drafter = load_drafter(tmp_path / "drafter", target_vocab_size=VOCAB,
+                           target_tokenizer="unused", target_dir=tiny_target_like)
+    assert isinstance(drafter, DFlashDrafter)

@@ -20,6 +20,9 @@ from dlmspec_vllm.drafters.loading import describe_checkpoint, resolve_checkpoin
 
 logger = logging.getLogger(__name__)
 
+# Drafters that share the target's embeddings and LM head, so carry no tokenizer of their own.
+TARGET_VOCABULARY_DRAFTER = "dlmspec_vllm.drafters.dflash:DFlashDrafter"
+
 
 def check_drafter_pairing(
     draft_model: str,
@@ -29,7 +32,9 @@ def check_drafter_pairing(
 ) -> Path:
     """Return the drafter's checkpoint directory once it is known to fit the target."""
     checkpoint = resolve_checkpoint_dir(draft_model)
-    describe_checkpoint(checkpoint)
+    if describe_checkpoint(checkpoint) == TARGET_VOCABULARY_DRAFTER:
+        # It embeds and scores with the target's own weights: its ids are the target's.
+        return checkpoint
     check_tokenizer_pairing(checkpoint, target_tokenizer, trust_remote_code=trust_remote_code)
     return checkpoint
 

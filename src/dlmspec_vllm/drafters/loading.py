@@ -147,8 +147,10 @@ def load_drafter(
     module_name, class_name = drafter_class_path(config, path).split(":")
     safetensors_files(path)
     drafter_cls = getattr(importlib.import_module(module_name), class_name)
+    reads_target = getattr(drafter_cls, "reads_target_weights", False)
     tokenizers = None
-    if target_tokenizer is not None:
+    # A drafter built on the target's own embeddings and head has the target's ids: no bridge.
+    if target_tokenizer is not None and not reads_target:
         from dlmspec_vllm.drafters.bridge import tokenizers_to_bridge
 
         tokenizers = tokenizers_to_bridge(target_tokenizer, path)
