@@ -12,7 +12,7 @@ from dlmspec_vllm.config import DlmConfigError, DlmSpeculativeConfig
 from dlmspec_vllm.drafters.loading import DrafterLoadError
 
 
-def build_config(tiny_pair, speculative_config):
+def build_config(tiny_pair, speculative_config, **engine_kwargs):
     from vllm.engine.arg_utils import EngineArgs
 
     args = EngineArgs(
@@ -21,6 +21,7 @@ def build_config(tiny_pair, speculative_config):
         max_model_len=256,
         enforce_eager=True,
         dtype="float32",
+        **engine_kwargs,
     )
     return args.create_engine_config()
 
@@ -158,3 +159,36 @@ def test_forcing_the_v2_model_runner_is_refused(monkeypatch, tiny_pair):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(DlmConfigError, match="V1 model runner.*VLLM_USE_V2_MODEL_RUNNER"):
         build_config(tiny_pair, dlm(tiny_pair))
+
+
+@pytest.mark.parametrize("speculative", ["dlm", "custom_class"])
+def test_pipeline_parallelism_is_refused_naming_the_setting_and_the_fix(
+    monkeypatch, tiny_pair, speculative
+):
+    """vLLM 0.32 builds proposers only on the last pipeline stage and then fails on the other
+    stages with an AttributeError; we refuse before that, with the setting and the fix."""
+    if speculative == "dlm":
+        spec = dlm(tiny_pair)
+    else:
+        monkeypatch.setenv(
+            "DLMSPEC_CONFIG", json.dumps({"draft_model": str(tiny_pair.drafter_dir)})
+        )
+        spec = {
+            "method": "custom_class",
+            "model": "dlmspec_vllm.proposer.DlmProposer",
+            "num_speculative_tokens": 4,
+        }
+    with pytest.raises(DlmConfigError) as refused:
+        build_config(tiny_pair, spec, pipeline_parallel_size=2)
+    message = str(refused.value)
+    assert "pipeline_parallel_size=2" in message
+    assert "--pipeline-parallel-size 1" in message
+    assert "--tensor-parallel-size" in message
+
+
+def test_data_parallel_replicas_are_accepted(tiny_pair):
+    """Each data-parallel replica is an engine of its own with its own proposer (served and
+    checked for lossless output in test_vllm_parallel.py)."""
+    config = build_config(tiny_pair, dlm(tiny_pair), data_parallel_size=2)
+    assert config.parallel_config.data_parallel_size == 2
+    assert config.speculative_config.method == "custom_class"

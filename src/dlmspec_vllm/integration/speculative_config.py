@@ -42,6 +42,9 @@ class EngineArgsSpeculativeConfigPatch(MethodPatch):
         original = EngineArgsSpeculativeConfigPatch.original("create_speculative_config")
         raw = self.speculative_config
         if not (isinstance(raw, dict) and raw.get("method") == METHOD_NAME):
+            if _names_our_proposer(raw):
+                # vLLM's own custom_class hook pointed at our proposer: same layouts refused.
+                check_parallel_layout(target_parallel_config)
             return original(self, target_model_config, target_parallel_config)
 
         if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").lower() in ("1", "true"):
@@ -50,6 +53,7 @@ class EngineArgsSpeculativeConfigPatch(MethodPatch):
                 "method 'dlm' runs on vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER=1 "
                 "forces V2: unset it (or set it to 0)."
             )
+        check_parallel_layout(target_parallel_config)
         settings = DlmSpeculativeConfig.from_user_dict(
             {key.replace("-", "_"): value for key, value in raw.items()}
         )
@@ -70,3 +74,32 @@ class EngineArgsSpeculativeConfigPatch(MethodPatch):
             self.speculative_config = raw
         object.__setattr__(speculative_config, SETTINGS_ATTRIBUTE, settings.model_dump_json())
         return speculative_config
+
+
+def check_parallel_layout(parallel_config: Any) -> None:
+    """Refuse the parallel layouts the dlm method does not run on, naming the setting and the fix.
+
+    Tensor parallelism works (every rank drafts with its own drafter copy) and so do
+    data-parallel replicas (independent engines, each with its own proposer). Pipeline
+    parallelism does not: vLLM builds speculative proposers only on the last pipeline stage,
+    and vLLM 0.32's V1 runner then fails on the other stages while it allocates the KV cache
+    (`'CPUModelRunner' object has no attribute 'drafter'`), for every speculative method.
+    """
+    stages = getattr(parallel_config, "pipeline_parallel_size", 1) or 1
+    if stages > 1:
+        raise DlmConfigError(
+            f"method 'dlm' does not support pipeline parallelism (pipeline_parallel_size="
+            f"{stages}): vLLM drafts only on the last pipeline stage, and its V1 runner fails "
+            "to start a speculative method with pipeline_parallel_size > 1. Set "
+            "pipeline_parallel_size to 1 (--pipeline-parallel-size 1) and shard the target with "
+            "tensor_parallel_size (--tensor-parallel-size N) instead; data-parallel replicas "
+            "(--data-parallel-size N) also work."
+        )
+
+
+def _names_our_proposer(raw: Any) -> bool:
+    return (
+        isinstance(raw, dict)
+        and raw.get("method") == "custom_class"
+        and raw.get("model") == PROPOSER_CLASS_PATH
+    )
