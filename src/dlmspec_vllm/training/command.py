@@ -46,9 +46,11 @@ from dlmspec_vllm.targets import copy_tokenizer_files
 from dlmspec_vllm.training.conversion import dream_from_causal_lm
 from dlmspec_vllm.training.corpus import (
     STDLIB_FILES,
+    VLLM_GENERATION_ENGINE,
     cached_generations,
     chat_prompts,
     generate_greedy,
+    generate_greedy_vllm,
     generation_prompts,
     math_prompts,
     sha256_of_tensor,
@@ -135,6 +137,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gen-prompts", type=int, default=64, help="target generations to make")
     parser.add_argument("--gen-tokens", type=int, default=128, help="most tokens per generation")
     parser.add_argument("--gen-batch-size", type=int, default=8)
+    parser.add_argument(
+        "--generator",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="what generates the target's answers: transformers (any device) or vLLM itself "
+        "(much faster on a CPU; needs vLLM installed)",
+    )
     parser.add_argument("--save-every", type=int, default=100, help="checkpoint interval (steps)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--stop-at", type=int, help="stop after this step; continue with --resume")
@@ -452,19 +461,22 @@ def _generations(
         "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
         "max_new_tokens": args.gen_tokens,
     }
-    cache = args.output / "data" / "target_generations.jsonl"
-    records, reused = cached_generations(
-        cache,
-        key,
-        lambda: generate_greedy(
+    if args.generator == "vllm":
+        key["generator"] = {"vllm": VLLM_GENERATION_ENGINE}
+        produce = lambda: generate_greedy_vllm(  # noqa: E731
+            args.target, tokenizer, prompts, max_new_tokens=args.gen_tokens
+        )
+    else:
+        produce = lambda: generate_greedy(  # noqa: E731
             target,
             tokenizer,
             prompts,
             max_new_tokens=args.gen_tokens,
             batch_size=args.gen_batch_size,
             progress=args.progress,
-        ),
-    )
+        )
+    cache = args.output / "data" / "target_generations.jsonl"
+    records, reused = cached_generations(cache, key, produce)
     print(f"target generations: {'reused' if reused else 'wrote'} {cache}", flush=True)
     eos = tokenizer.eos_token_id
     generations = token_stream([r["prompt_ids"] + r["output_ids"] for r in records], eos)
@@ -477,7 +489,12 @@ def _generations(
             "alternately 'write this function' and 'explain this code'; math: seeded "
             "arithmetic templates; chat: seeded everyday-request templates (corpus.py); all "
             "in the target's chat template, none from benchmarks/prompts.json",
-            "decoding": f"greedy, at most {args.gen_tokens} new tokens, transformers generate",
+            "decoding": f"greedy, at most {args.gen_tokens} new tokens, "
+            + (
+                f"vLLM {VLLM_GENERATION_ENGINE}"
+                if args.generator == "vllm"
+                else "transformers generate"
+            ),
             "generated_tokens": sum(len(r["output_ids"]) for r in records),
             "tokens": generations.numel(),
             "sha256": sha256_of_tensor(generations),

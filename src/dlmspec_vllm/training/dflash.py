@@ -47,10 +47,12 @@ def target_features(
     """The target's hidden states after each of ``layer_ids`` (0 = first decoder layer),
     concatenated per position, for every row (one forward pass per row, no padding)."""
     device = next(target.parameters()).device
+    # The decoder alone: the LM head's logits at every position would cost a fifth more.
+    decoder = target.get_decoder()
     out = []
     for row in token_rows:
         ids = torch.tensor([list(row)], device=device)
-        states = target(input_ids=ids, output_hidden_states=True).hidden_states
+        states = decoder(input_ids=ids, output_hidden_states=True).hidden_states
         out.append(torch.cat([states[i + 1][0] for i in layer_ids], -1).to("cpu", storage_dtype))
     return out
 
