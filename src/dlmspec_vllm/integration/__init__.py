@@ -11,10 +11,14 @@ logger = logging.getLogger(__name__)
 
 def all_patches() -> list[type]:
     """The patches, imported only once the vLLM version is known to be supported."""
+    from dlmspec_vllm.integration import cpu_sampling
     from dlmspec_vllm.integration.model_runner import GPUModelRunnerPatch
     from dlmspec_vllm.integration.speculative_config import EngineArgsSpeculativeConfigPatch
 
-    return [EngineArgsSpeculativeConfigPatch, GPUModelRunnerPatch]
+    patches: list[type] = [EngineArgsSpeculativeConfigPatch, GPUModelRunnerPatch]
+    if cpu_sampling.on_cpu_platform():
+        patches += [cpu_sampling.CpuExpandKernelPatch, cpu_sampling.CpuGeneratorRewindPatch]
+    return patches
 
 
 def install() -> None:
@@ -28,3 +32,8 @@ def install() -> None:
                     "dlmspec-vllm cannot patch this vLLM build: " + "; ".join(problems)
                 )
             patch.apply()
+    from dlmspec_vllm.integration.inspection import install_report_method
+    from dlmspec_vllm.integration.logs import use_vllm_log_handlers
+
+    install_report_method()
+    use_vllm_log_handlers()
