@@ -146,13 +146,25 @@ def engine_job(
     )
 
 
-def summarize(result: EngineResult, batch_sizes: list[int], n_prompts: int) -> list[dict]:
-    """Per batch size: throughput and acceptance from vLLM's per-request metrics."""
+def summarize(result: EngineResult, batch_sizes: list[int], sets: list[str]) -> list[dict]:
+    """Per batch size: throughput and acceptance from vLLM's per-request metrics, also per
+    prompt set (``sets``: each prompt's set, in request order)."""
     rows, index = [], 0
+    n_prompts = len(sets)
     for size in batch_sizes:
         batches = result.batches[index : index + math.ceil(n_prompts / size)]
         index += len(batches)
-        metrics = [m for b in batches for m in b.spec_decode_per_request if m]
+        per_request = [m for b in batches for m in b.spec_decode_per_request]
+        by_set: dict[str, list[int]] = {}
+        for prompt_set, m in zip(sets, per_request):
+            if m:
+                drafted_steps = [
+                    a
+                    for d, a in zip(m.get("per_step_drafted", []), m.get("per_step_accepted", []))
+                    if d
+                ]
+                by_set.setdefault(prompt_set, []).extend(drafted_steps)
+        metrics = [m for m in per_request if m]
         drafted = [d for m in metrics for d in m.get("per_step_drafted", [])]
         accepted = [a for m in metrics for a in m.get("per_step_accepted", [])]
         generated = sum(b.generated_tokens for b in batches)
@@ -173,6 +185,11 @@ def summarize(result: EngineResult, batch_sizes: list[int], n_prompts: int) -> l
                     sum(a > p for a in accepted) / max(1, sum(d > p for d in drafted))
                     for p in range(longest)
                 ],
+                # Per prompt set: 1 + accepted drafts per step that drafted anything.
+                "mean_accepted_length_by_set": {
+                    name: 1 + sum(steps) / len(steps) if steps else None
+                    for name, steps in by_set.items()
+                },
                 "token_ids": [t for b in batches for t in b.token_ids],
                 "texts": [t for b in batches for t in b.texts],
             }
@@ -310,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"the no-speculation run failed; nothing to compare:\n{log}"
                 ) from None
             continue
-        rows = summarize(result, args.batch_sizes, len(prompts))
+        rows = summarize(result, args.batch_sizes, [r["set"] for r in records])
         report["configs"][name] = {
             "speculative_config": configs[name],
             "engine_startup_seconds": result.startup_seconds,

@@ -33,3 +33,19 @@ def test_config_validates_for_the_dlm_method(path: Path) -> None:
     assert "__" in path.stem, "name configs <target>__<drafter>.json"
     if path.name in DRAFTERS:
         assert settings.draft_model == DRAFTERS[path.name]
+
+
+def test_demo_pair_drafter_ships_with_the_repository() -> None:
+    """`make demo` serves SmolLM2 with the DFlash drafter in demo-pair/: it must be there, be a
+    DFlash checkpoint readable for SmolLM2's 30 layers, and stay small enough to commit."""
+    from dlmspec_vllm.demo import demo_speculative_config
+    from dlmspec_vllm.drafters.loading import describe_checkpoint
+
+    config = demo_speculative_config()
+    drafter = Path(config["draft_model"])
+    assert describe_checkpoint(drafter) == "dlmspec_vllm.drafters.dflash:DFlashDrafter"
+    layout = json.loads((drafter / "config.json").read_text())
+    assert max(layout["dflash_config"]["target_layer_ids"]) <= 30 - 2
+    assert sum(f.stat().st_size for f in drafter.iterdir()) <= 20 * 2**20
+    recipe = json.loads((drafter / "training_recipe.json").read_text())
+    assert recipe["kind"] == "dflash" and recipe["settings"]["generator"] == "vllm"

@@ -145,3 +145,32 @@ def test_dflash_run_resumes_exactly_and_loads_as_a_target_conditioned_drafter(
 def test_dflash_refuses_layers_vllm_cannot_expose(tiny_pair, tmp_path):
     with pytest.raises(SystemExit, match="0..0"):
         train_dflash(tiny_pair.target_dir, tmp_path / "out", "--target-layer-ids", "1")
+
+
+@pytest.mark.vllm
+def test_vllm_generates_the_answers_when_asked(tiny_pair, tmp_path):
+    """--generator vllm: the target's answers come from vLLM itself (in a process of their own
+    here, as the command runs vLLM in-process); the cache key and recipe say so."""
+    import os
+    import subprocess
+    import sys
+
+    output = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    subprocess.run(
+        [
+            sys.executable, "-m", "dlmspec_vllm.cli", "train-drafter",
+            "--target", str(tiny_pair.target_dir), "--output", str(output),
+            "--generator", "vllm", "--steps", "2", "--save-every", "2", "--layers", "1",
+            "--seq-len", "24:48", "--batch-size", "2", "--gen-prompts", "4",
+            "--gen-tokens", "12", "--threads", "1", "--no-progress",
+        ],
+        check=True, env=env, timeout=600,
+    )  # fmt: skip
+    with (output / "data" / "target_generations.jsonl").open() as handle:
+        header = json.loads(handle.readline())
+        records = [json.loads(line) for line in handle]
+    assert "vllm" in header["key"]["generator"]
+    assert len(records) == 4 and all(0 < len(r["output_ids"]) <= 12 for r in records)
+    recipe = json.loads((output / RECIPE_FILE).read_text())
+    assert "vLLM" in recipe["data"]["target_generations"]["decoding"]

