@@ -39,7 +39,8 @@ from torch import nn
 
 from dlmspec_vllm.drafters.base import DraftBlock, DraftingOptions, TargetFeatures
 from dlmspec_vllm.drafters.loading import DrafterLoadError, read_config, safetensors_files
-from dlmspec_vllm.drafters.transformer import RMSNorm, RotaryEmbedding, apply_rope, swiglu
+from dlmspec_vllm.drafters.qwen2_layout import Qwen2MLP
+from dlmspec_vllm.drafters.transformer import RMSNorm, RotaryEmbedding, apply_rope
 
 ARCHITECTURE = "DFlashDraftModel"
 DRAFT_TO_TARGET = "d2t"
@@ -184,22 +185,12 @@ class DFlashAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
-class DFlashMLP(nn.Module):
-    def __init__(self, config: DFlashConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
-
-
 class DFlashLayer(nn.Module):
     def __init__(self, config: DFlashConfig) -> None:
         super().__init__()
         self.self_attn = DFlashAttention(config)
-        self.mlp = DFlashMLP(config)
+        # The same SwiGLU, under the same tensor names, as Qwen2/Qwen3 layers.
+        self.mlp = Qwen2MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
