@@ -47,6 +47,7 @@ def make_proposer(**settings) -> tuple[DlmProposer, ScriptedDrafter]:
     setattr(speculative_config, SETTINGS_ATTRIBUTE, config.model_dump_json())
     model_config = SimpleNamespace(
         max_model_len=MAX_LEN,
+        model="unused",
         tokenizer="unused",
         dtype=torch.float32,
         hf_text_config=SimpleNamespace(eos_token_id=EOS),

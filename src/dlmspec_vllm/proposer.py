@@ -126,7 +126,7 @@ class DlmProposer:
             dtype=dtype,
             options=DraftingOptions(**self.settings.drafting.model_dump()),
             target_tokenizer=self.target_tokenizer,
-            target_dir=resolve_checkpoint_dir(self.target_path),
+            target_dir=self.target_path,
         )
         logger.info(
             "dlm drafter %s loaded on %s (%s); controller %s, at most %d draft tokens per step",

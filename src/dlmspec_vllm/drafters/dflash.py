@@ -38,7 +38,12 @@ from safetensors import safe_open
 from torch import nn
 
 from dlmspec_vllm.drafters.base import DraftBlock, DraftingOptions, TargetFeatures
-from dlmspec_vllm.drafters.loading import DrafterLoadError, read_config, safetensors_files
+from dlmspec_vllm.drafters.loading import (
+    DrafterLoadError,
+    read_config,
+    resolve_checkpoint_dir,
+    safetensors_files,
+)
 from dlmspec_vllm.drafters.qwen2_layout import Qwen2MLP
 from dlmspec_vllm.drafters.transformer import RMSNorm, RotaryEmbedding, apply_rope
 
@@ -319,7 +324,7 @@ class DFlashDrafter:
             )
         network.to(device=device, dtype=dtype)
         network.rotary.reset(device)
-        embed, head = target_embedding_and_head(Path(target_dir))
+        embed, head = target_embedding_and_head(resolve_checkpoint_dir(target_dir))
         if embed.shape[1] != config.hidden_size:
             raise DrafterLoadError(
                 f"DFlash draft_model {path} has hidden size {config.hidden_size} but the target "
