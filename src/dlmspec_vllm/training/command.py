@@ -46,7 +46,6 @@ from dlmspec_vllm.targets import copy_tokenizer_files
 from dlmspec_vllm.training.conversion import dream_from_causal_lm
 from dlmspec_vllm.training.corpus import (
     STDLIB_FILES,
-    VLLM_GENERATION_ENGINE,
     cached_generations,
     chat_prompts,
     generate_greedy,
@@ -56,6 +55,7 @@ from dlmspec_vllm.training.corpus import (
     sha256_of_tensor,
     stdlib_documents,
     token_stream,
+    vllm_generation_engine,
 )
 from dlmspec_vllm.training.dflash import (
     AnchorSampler,
@@ -462,7 +462,7 @@ def _generations(
         "max_new_tokens": args.gen_tokens,
     }
     if args.generator == "vllm":
-        key["generator"] = {"vllm": VLLM_GENERATION_ENGINE}
+        key["generator"] = {"vllm": vllm_generation_engine(args.target)}
         produce = lambda: generate_greedy_vllm(  # noqa: E731
             args.target, tokenizer, prompts, max_new_tokens=args.gen_tokens
         )
@@ -491,7 +491,7 @@ def _generations(
             "in the target's chat template, none from benchmarks/prompts.json",
             "decoding": f"greedy, at most {args.gen_tokens} new tokens, "
             + (
-                f"vLLM {VLLM_GENERATION_ENGINE}"
+                f"vLLM {vllm_generation_engine(args.target)}"
                 if args.generator == "vllm"
                 else "transformers generate"
             ),

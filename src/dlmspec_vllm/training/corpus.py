@@ -319,6 +319,13 @@ VLLM_GENERATION_ENGINE = {
 }
 
 
+def vllm_generation_engine(target_dir: Path) -> dict[str, object]:
+    """VLLM_GENERATION_ENGINE for this target: max_model_len no longer than its own window."""
+    config = json.loads((Path(target_dir) / "config.json").read_text())
+    window = int(config.get("max_position_embeddings") or VLLM_GENERATION_ENGINE["max_model_len"])
+    return {**VLLM_GENERATION_ENGINE, "max_model_len": min(1024, window)}
+
+
 def generate_greedy_vllm(
     target_dir: Path,
     tokenizer: PreTrainedTokenizerBase,
@@ -333,7 +340,7 @@ def generate_greedy_vllm(
     from vllm import LLM, SamplingParams
 
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
-    llm = LLM(str(target_dir), **VLLM_GENERATION_ENGINE)
+    llm = LLM(str(target_dir), **vllm_generation_engine(target_dir))
     outputs = llm.generate(
         [{"prompt_token_ids": row} for row in ids],
         SamplingParams(temperature=0.0, max_tokens=max_new_tokens),
