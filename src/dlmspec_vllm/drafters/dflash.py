@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from dlmspec_vllm.drafters.base import DraftBlock, DraftingOptions, TargetFeatures
@@ -311,9 +312,7 @@ class DFlashDrafter:
             )
         state: dict[str, torch.Tensor] = {}
         for shard in safetensors_files(path):
-            with safe_open(str(shard), "pt", device="cpu") as handle:
-                for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    state[name] = handle.get_tensor(name)
+            state.update(load_file(shard))
         draft_to_target = state.pop(DRAFT_TO_TARGET, None)
         network = DFlashNetwork(config)
         missing, unexpected = network.load_state_dict(state, strict=False)
