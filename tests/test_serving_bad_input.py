@@ -43,13 +43,10 @@ def servers(tiny_pair, tmp_path_factory):
     base = OpenAIServer(
         tiny_pair.target_dir, log_path=tmp / "base.log", max_model_len=MAX_MODEL_LEN
     )
-    try:
+    with dlm, base:  # each server stops on leaving, whatever happened
         dlm.wait_ready()
         base.wait_ready()
         yield dlm, base
-    finally:
-        dlm.stop()
-        base.stop()
 
 
 def post(server: OpenAIServer, path: str, body: dict | str) -> requests.Response:

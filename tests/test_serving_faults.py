@@ -75,13 +75,10 @@ def servers(tiny_pair, tmp_path_factory):
         max_model_len=MAX_MODEL_LEN,
         extra_args=SERVER_ARGS,
     )
-    try:
+    with dlm, base:  # each server stops on leaving, whatever happened
         dlm.wait_ready()
         base.wait_ready()
         yield dlm, base
-    finally:
-        dlm.stop()
-        base.stop()
 
 
 def tokens(server: OpenAIServer, text: str) -> list[int]:

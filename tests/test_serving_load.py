@@ -63,13 +63,10 @@ def servers(tiny_pair, tmp_path_factory):
         max_model_len=MAX_MODEL_LEN,
         extra_env=SERVER_ENV,
     )
-    try:
+    with dlm, base:  # each server stops on leaving, whatever happened
         dlm.wait_ready()
         base.wait_ready()
         yield dlm, base
-    finally:
-        dlm.stop()
-        base.stop()
 
 
 def test_load_is_well_formed_lossless_and_leaves_no_state(servers):
