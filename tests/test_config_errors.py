@@ -57,6 +57,11 @@ def test_valid_config_becomes_our_proposer_with_settings_attached(tiny_pair):
         ({"num_speculative_tokens": 129}, "field 'num_speculative_tokens'"),
         ({"draft_dtype": "int8"}, "field 'draft_dtype'"),
         ({"max_draft_context": -5}, "field 'max_draft_context'"),
+        (
+            {"context_lookup": {"min_ngram": 5, "max_ngram": 3}},
+            r"context_lookup.min_ngram \(5\) is above context_lookup.max_ngram \(3\)",
+        ),
+        ({"context_lookup": {"max_ngram": 0}}, "field 'context_lookup.max_ngram'"),
     ],
 )
 def test_bad_values_name_the_field(tiny_pair, overrides, expected):

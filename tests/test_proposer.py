@@ -125,3 +125,24 @@ def test_state_of_ended_requests_is_dropped():
     proposer.forget_requests({f"r{i}" for i in range(50)})
     assert proposer.num_tracked_requests == 0
     assert sorted(drafter.forgotten) == sorted(f"r{i}" for i in range(50))
+
+
+def test_context_lookup_drafts_where_the_context_recurs_and_the_drafter_elsewhere():
+    proposer, drafter = make_proposer(num_speculative_tokens=3, context_lookup=True)
+    repeating = [4, 9, 11, 12, 4, 9]
+    drafts = step(proposer, {"a": repeating, "b": [1, 2]}, {"a": [9], "b": [2]})
+    assert drafts == [[11, 12, 4], [3, 4, 5]]
+    assert drafter.calls == [([[1, 2]], [3])]
+    # The copied draft's verification is counted apart: the controller learns the drafter's.
+    step(
+        proposer,
+        {"a": repeating + [11], "b": [1, 2, 3]},
+        {"a": [11], "b": [3]},
+        scheduled={"a": 3, "b": 3},
+    )
+    stats = proposer.controller.stats()
+    assert (stats.steps, stats.drafted_tokens, stats.accepted_tokens) == (1, 3, 0)
+    report = proposer.report()
+    assert (report["copied_draft_steps"], report["copied_accepted_tokens"]) == (1, 0)
+    proposer.forget_requests({"a", "b"})
+    assert proposer.num_tracked_requests == 0

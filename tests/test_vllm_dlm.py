@@ -196,3 +196,21 @@ def test_lattice_path_search_is_lossless(tiny_pair, no_speculation):
     result = run_in_subprocess(job)
     assert [b.token_ids for b in result.batches] == [b.token_ids for b in no_speculation.batches]
     assert result.spec_decode["num_accepted_tokens"] > 0
+
+
+def test_context_lookup_is_lossless_and_drafts_from_both_sources(tiny_pair, no_speculation):
+    repetitive = "x = [1, 2, 3]\ny = [1, 2, 3]\nz = [1, 2, "
+    job = EngineJob(
+        model=str(tiny_pair.target_dir),
+        speculative_config={**dlm_config(tiny_pair), "context_lookup": True},
+        engine_kwargs=ENGINE,
+        batches=[greedy_batches()[1], Batch(prompts=[repetitive], sampling=GREEDY)],
+        report_proposer=True,
+    )
+    result = run_in_subprocess(job)
+    assert result.batches[0].token_ids == no_speculation.batches[1].token_ids
+    report = result.proposer
+    assert report["copied_draft_steps"] > 0
+    assert report["copied_accepted_tokens"] > 0
+    assert report["controller"]["steps"] > 0  # the diffusion drafter drafted the rest
+    assert report["num_tracked_requests"] == 0

@@ -101,6 +101,32 @@ class LatticeSettings(BaseModel):
         return self
 
 
+class ContextLookupSettings(BaseModel):
+    """Drafts copied from the request's own context where its last tokens occurred before
+    (drafters/context_lookup.py); the diffusion drafter drafts for the other requests."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=False, description="Off: every draft is the drafter's.")
+    min_ngram: int = Field(default=2, ge=1, le=16, description="Shortest suffix looked up.")
+    max_ngram: int = Field(default=4, ge=1, le=16, description="Longest suffix looked up.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_shorthand(cls, value: Any) -> Any:
+        # "context_lookup": true turns it on with the defaults.
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _ngram_range(self) -> ContextLookupSettings:
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(
+                f"context_lookup.min_ngram ({self.min_ngram}) is above context_lookup.max_ngram "
+                f"({self.max_ngram}): make min_ngram <= max_ngram"
+            )
+        return self
+
+
 class DraftingSettings(BaseModel):
     """How the drafter denoises a block and caches each request's context (drafters/)."""
 
@@ -170,6 +196,11 @@ class DlmSpeculativeConfig(BaseModel):
     lattice: LatticeSettings = Field(
         default_factory=LatticeSettings,
         description="CPS over the drafter's candidates: true, or an object of lattice settings.",
+    )
+    context_lookup: ContextLookupSettings = Field(
+        default_factory=ContextLookupSettings,
+        description="Copy drafts from the request's own context where its last tokens recur: "
+        "true, or an object of context_lookup settings.",
     )
 
     @model_validator(mode="after")

@@ -32,6 +32,7 @@ from dlmspec_vllm.drafters.base import (
     TargetConditionedDrafter,
     TargetFeatures,
 )
+from dlmspec_vllm.drafters.context_lookup import context_continuation
 from dlmspec_vllm.drafters.loading import load_drafter, resolve_checkpoint_dir
 from dlmspec_vllm.lattice.chooser import PathChooser
 
@@ -103,6 +104,11 @@ class DlmProposer:
         # EOS-aware raw length of each request's last draft (DiffuSpec's L_gen), read back
         # when vLLM reports how much of that draft it accepted.
         self._generated: dict[str, int] = {}
+        # Requests whose last draft was copied from their context: its verification says nothing
+        # about the drafter, so the controller does not learn from it.
+        self._copied_drafts: set[str] = set()
+        self.copied_draft_steps = 0
+        self.copied_accepted_tokens = 0
         self.failed_draft_steps = 0
         # Running digest of every draft sent, to compare what tensor-parallel ranks proposed.
         self._drafts_digest = hashlib.sha256()
@@ -152,6 +158,7 @@ class DlmProposer:
         """Drop every per-request state of requests that finished or were preempted."""
         for req_id in req_ids:
             self._generated.pop(req_id, None)
+            self._copied_drafts.discard(req_id)
             self.controller.forget(req_id)
             self.chooser.forget(req_id)
             if self.drafter is not None:
@@ -160,7 +167,12 @@ class DlmProposer:
     @property
     def num_tracked_requests(self) -> int:
         """Requests holding per-request state here or in the controller."""
-        return max(len(self._generated), self.controller.num_tracked, self.chooser.num_tracked)
+        return max(
+            len(self._generated),
+            len(self._copied_drafts),
+            self.controller.num_tracked,
+            self.chooser.num_tracked,
+        )
 
     def propose(
         self,
@@ -182,6 +194,8 @@ class DlmProposer:
         self._observe_verification(step, sampled_token_ids, started)
 
         pending = []
+        drafts: list[list[int]] = [[] for _ in sampled_token_ids]
+        lookup = self.settings.context_lookup
         for row, sampled in enumerate(sampled_token_ids):
             num_tokens = int(num_tokens_no_spec[row])
             room = self.max_model_len - num_tokens
@@ -189,13 +203,23 @@ class DlmProposer:
             if not sampled or room <= 0:
                 continue
             req_id = step.req_ids[row]
+            if lookup.enabled:
+                copied = context_continuation(
+                    token_ids_cpu[row, :num_tokens],
+                    min(self.settings.num_speculative_tokens, room),
+                    min_ngram=lookup.min_ngram,
+                    max_ngram=lookup.max_ngram,
+                )
+                if copied:
+                    drafts[row] = copied
+                    self._copied_drafts.add(req_id)
+                    continue
             length = min(self.controller.initial_length(req_id), room)
             if length > 0:
                 context = token_ids_cpu[row, :num_tokens].tolist()
                 self.chooser.observe_context(req_id, context)
                 pending.append(_Drafting(row, req_id, context, room, length))
 
-        drafts: list[list[int]] = [[] for _ in sampled_token_ids]
         try:
             self._hand_over_target_features(step)
             self._draft_in_passes(pending)
@@ -208,13 +232,17 @@ class DlmProposer:
             keep = self.controller.clip(request.req_id, request.confidences)
             drafts[request.row] = request.tokens[:keep]
 
-        if pending:
-            self.recent_step_lengths.append({r.req_id: len(drafts[r.row]) for r in pending})
+        sent = {step.req_ids[row]: len(draft) for row, draft in enumerate(drafts) if draft}
+        sent |= {r.req_id: len(drafts[r.row]) for r in pending}
+        if sent:
+            self.recent_step_lengths.append(sent)
             self._drafts_digest.update(repr(drafts).encode())
         self._log_summary_now_and_then()
         finished = time.perf_counter()
         self._last_draft_seconds = finished - started
-        self._last_mean_draft = sum(len(d) for d in drafts) / len(pending) if pending else 0.0
+        self._last_mean_draft = (
+            sum(len(drafts[r.row]) for r in pending) / len(pending) if pending else 0.0
+        )
         self._last_step_end = finished
         return drafts
 
@@ -238,6 +266,8 @@ class DlmProposer:
             "controller": self.controller.stats().as_dict(),
             "num_tracked_requests": self.num_tracked_requests,
             "failed_draft_steps": self.failed_draft_steps,
+            "copied_draft_steps": self.copied_draft_steps,
+            "copied_accepted_tokens": self.copied_accepted_tokens,
             "drafts_digest": self._drafts_digest.hexdigest(),
             "recent_step_lengths": list(self.recent_step_lengths),
         }
@@ -301,10 +331,16 @@ class DlmProposer:
         """vLLM accepted len(sampled) - 1 of the tokens it scheduled from a request's draft."""
         verified = []
         for req_id, sampled in zip(step.req_ids, sampled_token_ids):
+            copied = req_id in self._copied_drafts
+            self._copied_drafts.discard(req_id)
             scheduled = min(step.scheduled_draft_counts.get(req_id, 0), self.controller.max_length)
             if not scheduled or not sampled:
                 continue
             accepted = min(len(sampled) - 1, scheduled)
+            if copied:
+                self.copied_draft_steps += 1
+                self.copied_accepted_tokens += accepted
+                continue
             generated = self._generated.pop(req_id, scheduled)
             self.controller.observe(req_id, scheduled, accepted, generated)
             verified.append(scheduled)
