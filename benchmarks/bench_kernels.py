@@ -64,30 +64,50 @@ def _copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def bench_prune(device: torch.device, batches: list[int], ks: list[int], vocab: int, m_max: int,
-                tau: float, repeats: int, with_triton: bool) -> list[dict]:
+def bench_prune(
+    device: torch.device,
+    batches: list[int],
+    ks: list[int],
+    vocab: int,
+    m_max: int,
+    tau: float,
+    repeats: int,
+    with_triton: bool,
+) -> list[dict]:
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
     for batch in batches:
         for k in ks:
-            logits = torch.randn(batch, k, vocab, device=device, generator=gen,
-                                 dtype=torch.float32).mul_(3).to(torch.bfloat16)
+            logits = (
+                torch.randn(batch, k, vocab, device=device, generator=gen, dtype=torch.float32)
+                .mul_(3)
+                .to(torch.bfloat16)
+            )
             lengths = [k] * batch
             args = dict(tau=tau, m_max=m_max, eos_id=vocab - 1)
-            row = {"batch": batch, "k": k, "vocab": vocab, "m_max": m_max, "dtype": "bfloat16",
-                   "logit_bytes": logits.numel() * logits.element_size()}
+            row = {
+                "batch": batch,
+                "k": k,
+                "vocab": vocab,
+                "m_max": m_max,
+                "dtype": "bfloat16",
+                "logit_bytes": logits.numel() * logits.element_size(),
+            }
             twin = prune_reference(logits, lengths, **args)
-            row["twin_ms"] = _timer(device, partial(prune_reference, logits, lengths, **args),
-                                    repeats, warmup=1)
+            row["twin_ms"] = _timer(
+                device, partial(prune_reference, logits, lengths, **args), repeats, warmup=1
+            )
             if with_triton:
                 from dlmspec_vllm.kernels.prune import prune_triton
 
                 got = prune_triton(logits, lengths, **args)
                 row["triton_matches_twin"] = bool(
                     torch.equal(got.token_ids, twin.token_ids)
-                    and torch.equal(got.num_candidates, twin.num_candidates))
-                row["triton_ms"] = _timer(device, partial(prune_triton, logits, lengths, **args),
-                                          repeats, warmup=3)
+                    and torch.equal(got.num_candidates, twin.num_candidates)
+                )
+                row["triton_ms"] = _timer(
+                    device, partial(prune_triton, logits, lengths, **args), repeats, warmup=3
+                )
                 row["triton_read_gbs"] = row["logit_bytes"] / (row["triton_ms"] * 1e-3) / 1e9
                 row["speedup"] = row["twin_ms"] / row["triton_ms"]
             rows.append(row)
@@ -95,8 +115,15 @@ def bench_prune(device: torch.device, batches: list[int], ks: list[int], vocab: 
     return rows
 
 
-def bench_path_search(device: torch.device, batches: list[int], ks: list[int], width: int,
-                      order: int, repeats: int, with_triton: bool) -> list[dict]:
+def bench_path_search(
+    device: torch.device,
+    batches: list[int],
+    ks: list[int],
+    width: int,
+    order: int,
+    repeats: int,
+    with_triton: bool,
+) -> list[dict]:
     rows = []
     gen = torch.Generator(device=device).manual_seed(1)
     states = width ** (order - 1)
@@ -115,10 +142,12 @@ def bench_path_search(device: torch.device, batches: list[int], ks: list[int], w
                 from dlmspec_vllm.kernels.path_search import viterbi_triton
 
                 got = viterbi_triton(edge, tail, is_eos, lengths)
-                row["triton_matches_twin"] = bool(torch.equal(got[0], twin[0])
-                                                  and torch.equal(got[1], twin[1]))
-                row["triton_ms"] = _timer(device, partial(viterbi_triton, *inputs), repeats,
-                                          warmup=3)
+                row["triton_matches_twin"] = bool(
+                    torch.equal(got[0], twin[0]) and torch.equal(got[1], twin[1])
+                )
+                row["triton_ms"] = _timer(
+                    device, partial(viterbi_triton, *inputs), repeats, warmup=3
+                )
                 row["speedup"] = row["twin_ms"] / row["triton_ms"]
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
@@ -129,10 +158,17 @@ def _environment(device: torch.device) -> dict:
     import dlmspec_vllm
 
     info = {
-        "machine": {"hostname": socket.gethostname(), "platform": platform.platform(),
-                    "processor": platform.processor(), "cpu_count": os.cpu_count()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "dlmspec_vllm": dlmspec_vllm.__version__},
+        "machine": {
+            "hostname": socket.gethostname(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "dlmspec_vllm": dlmspec_vllm.__version__,
+        },
     }
     if device.type == "cuda":
         import triton
@@ -167,23 +203,35 @@ def main(argv: list[str] | None = None) -> int:
     vocab = args.vocab or (152064 if cuda else 32768)
     repeats = args.repeats if cuda else min(args.repeats, 3)
     if not cuda:
-        print("no CUDA device: timing the torch twins only, at reduced shapes; no results file "
-              "is written", file=sys.stderr)
+        print(
+            "no CUDA device: timing the torch twins only, at reduced shapes; no results file "
+            "is written",
+            file=sys.stderr,
+        )
     report = {
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **_environment(device),
-        "settings": {"device": device.type, "batches": batches, "ks": ks, "vocab": vocab,
-                     "m_max": args.m_max, "tau": args.tau, "repeats": repeats,
-                     "triton": cuda, "timer": "cuda events, median" if cuda else
-                     "perf_counter, median"},
+        "settings": {
+            "device": device.type,
+            "batches": batches,
+            "ks": ks,
+            "vocab": vocab,
+            "m_max": args.m_max,
+            "tau": args.tau,
+            "repeats": repeats,
+            "triton": cuda,
+            "timer": "cuda events, median" if cuda else "perf_counter, median",
+        },
     }
     if cuda:
         largest = max(batches) * max(ks) * vocab * 2
         report["copy_bandwidth_gbs"] = _copy_bandwidth(device, largest, repeats)
-    report["prune"] = bench_prune(device, batches, ks, vocab, args.m_max, args.tau, repeats,
-                                  with_triton=cuda)
-    report["path_search"] = bench_path_search(device, batches, ks, width=16, order=3,
-                                              repeats=repeats, with_triton=cuda)
+    report["prune"] = bench_prune(
+        device, batches, ks, vocab, args.m_max, args.tau, repeats, with_triton=cuda
+    )
+    report["path_search"] = bench_path_search(
+        device, batches, ks, width=16, order=3, repeats=repeats, with_triton=cuda
+    )
     text = json.dumps(report, indent=2)
     if cuda:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
