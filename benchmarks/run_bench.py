@@ -3,9 +3,10 @@
 One engine per configuration, each in a process of its own (dlmspec_vllm.offline_run): no
 speculation; vLLM's ngram; vLLM's draft_model with an autoregressive drafter (the target's first
 layers, untrained after the cut); and the dlm method with each length controller, with and
-without the lattice path search. Every engine serves every chosen batch size, greedy, so each
-configuration's tokens can be compared with the no-speculation run's token for token (the
-lossless flag).
+without the lattice path search, and with context lookup (drafts copied from the request's own
+context where they recur, the drafter's elsewhere). Every engine serves every chosen batch size,
+greedy, so each configuration's tokens can be compared with the no-speculation run's token for
+token (the lossless flag).
 
 Writes benchmarks/results/<name>.json first (machine, versions, settings, per configuration and
 batch size: tokens/s, mean accepted length, acceptance per position, wall time, lossless), then
@@ -92,6 +93,7 @@ def all_configs(target: Path, drafter: Path | None, ar_drafter: Path) -> dict[st
         base = {"method": "dlm", "draft_model": str(drafter), **settings}
         configs[name] = base
         configs[f"{name}-lattice"] = {**base, "lattice": True}
+        configs[f"{name}-lookup"] = {**base, "context_lookup": True}
     return configs
 
 
