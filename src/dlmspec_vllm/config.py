@@ -62,10 +62,20 @@ class ControllerSettings(BaseModel):
         return make_controller(self.name, max_length, **self.options)
 
 
-class LatticeSettings(BaseModel):
-    """Causal-consistency Path Search (DiffuSpec) over the drafter's per-position candidates."""
+class _SwitchSettings(BaseModel):
+    """Settings of an optional feature: a bare true or false stands for {"enabled": ...}, the
+    feature with its defaults."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_shorthand(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+
+class LatticeSettings(_SwitchSettings):
+    """Causal-consistency Path Search (DiffuSpec) over the drafter's per-position candidates."""
 
     enabled: bool = Field(default=False, description="Off: send the per-position argmax.")
     tau: float = Field(default=0.8, gt=0.0, le=1.0, description="Nucleus mass kept per position.")
@@ -85,12 +95,6 @@ class LatticeSettings(BaseModel):
     )
     beam_width: int = Field(default=3, ge=1, le=64)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _accept_shorthand(cls, value: Any) -> Any:
-        # "lattice": true turns CPS on with the paper's defaults.
-        return {"enabled": value} if isinstance(value, bool) else value
-
     @model_validator(mode="after")
     def _arpa_file_given(self) -> LatticeSettings:
         if self.scorer == "arpa":
@@ -101,21 +105,13 @@ class LatticeSettings(BaseModel):
         return self
 
 
-class ContextLookupSettings(BaseModel):
+class ContextLookupSettings(_SwitchSettings):
     """Drafts copied from the request's own context where its last tokens occurred before
     (drafters/context_lookup.py); the diffusion drafter drafts for the other requests."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = Field(default=False, description="Off: every draft is the drafter's.")
     min_ngram: int = Field(default=2, ge=1, le=16, description="Shortest suffix looked up.")
     max_ngram: int = Field(default=4, ge=1, le=16, description="Longest suffix looked up.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _accept_shorthand(cls, value: Any) -> Any:
-        # "context_lookup": true turns it on with the defaults.
-        return {"enabled": value} if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _ngram_range(self) -> ContextLookupSettings:
