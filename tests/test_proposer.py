@@ -146,3 +146,9 @@ def test_context_lookup_drafts_where_the_context_recurs_and_the_drafter_elsewher
     assert (report["copied_draft_steps"], report["copied_accepted_tokens"]) == (1, 0)
     proposer.forget_requests({"a", "b"})
     assert proposer.num_tracked_requests == 0
+
+
+def test_a_copied_draft_ends_at_its_first_eos():
+    proposer, _ = make_proposer(num_speculative_tokens=4, context_lookup=True)
+    # "7 8" occurred before, followed by 9, EOS, 3: nothing after the EOS is sent.
+    assert step(proposer, {"a": [7, 8, 9, EOS, 3, 7, 8]}, {"a": [8]}) == [[9, EOS]]

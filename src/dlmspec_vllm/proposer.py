@@ -211,7 +211,7 @@ class DlmProposer:
                     max_ngram=lookup.max_ngram,
                 )
                 if copied:
-                    drafts[row] = copied
+                    drafts[row] = copied[: _length_before_eos(copied, self.eos_token_ids) + 1]
                     self._copied_drafts.add(req_id)
                     continue
             length = min(self.controller.initial_length(req_id), room)
