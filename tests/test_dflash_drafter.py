@@ -74,8 +74,9 @@ def direct_logits(parts, tokens, features, anchor, n):
     mask = torch.ones(1, CONFIG.block_size, anchor + CONFIG.block_size, dtype=torch.bool)
     positions = torch.arange(anchor, anchor + CONFIG.block_size)[None]
     with torch.no_grad():
-        hidden = network.block_hidden(torch.nn.functional.embedding(ids, embed), positions,
-                                      context, mask)
+        hidden = network.block_hidden(
+            torch.nn.functional.embedding(ids, embed), positions, context, mask
+        )
     return hidden[0, 1 : 1 + n] @ head.T
 
 
@@ -166,13 +167,33 @@ def test_training_loss_scores_what_drafting_computes(parts):
     expected = (ce * weights).sum() / weights.sum()
     # Two anchors in one row must not see each other's blocks.
     with torch.no_grad():
-        alone = dflash_loss(network, [sequence], [[anchor]], embed_weight=embed,
-                            head_weight=head, target_to_draft=None, gamma=7.0)
-        paired = dflash_loss(network, [sequence, sequence], [[anchor, 5], [anchor, 5]],
-                             embed_weight=embed, head_weight=head, target_to_draft=None,
-                             gamma=7.0)
-        other = dflash_loss(network, [sequence], [[5]], embed_weight=embed, head_weight=head,
-                            target_to_draft=None, gamma=7.0)
+        alone = dflash_loss(
+            network,
+            [sequence],
+            [[anchor]],
+            embed_weight=embed,
+            head_weight=head,
+            target_to_draft=None,
+            gamma=7.0,
+        )
+        paired = dflash_loss(
+            network,
+            [sequence, sequence],
+            [[anchor, 5], [anchor, 5]],
+            embed_weight=embed,
+            head_weight=head,
+            target_to_draft=None,
+            gamma=7.0,
+        )
+        other = dflash_loss(
+            network,
+            [sequence],
+            [[5]],
+            embed_weight=embed,
+            head_weight=head,
+            target_to_draft=None,
+            gamma=7.0,
+        )
     torch.testing.assert_close(alone.loss, expected)
     torch.testing.assert_close(paired.loss, (alone.loss + other.loss) / 2, rtol=0.05, atol=0)
 
@@ -198,8 +219,9 @@ def test_saved_checkpoint_is_the_zlab_layout_and_loads(parts, tmp_path, tiny_tar
     assert "layers.1.self_attn.k_norm.weight" in names and "layers.0.mlp.down_proj.weight" in names
     assert not any("embed" in n or "lm_head" in n for n in names)
 
-    drafter = load_drafter(tmp_path / "drafter", target_vocab_size=VOCAB,
-                           target_dir=tiny_target_like)
+    drafter = load_drafter(
+        tmp_path / "drafter", target_vocab_size=VOCAB, target_dir=tiny_target_like
+    )
     assert isinstance(drafter, TargetConditionedDrafter)
     assert drafter.target_layer_ids == (0, 2)
 
@@ -212,8 +234,10 @@ def test_wrong_target_or_no_target_is_a_clear_error(parts, tmp_path, tiny_target
     other = tmp_path / "other_target"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
-    save_file({"model.embed_tokens.weight": torch.zeros(VOCAB, HIDDEN * 2)},
-              str(other / "model.safetensors"))
+    save_file(
+        {"model.embed_tokens.weight": torch.zeros(VOCAB, HIDDEN * 2)},
+        str(other / "model.safetensors"),
+    )
     with pytest.raises(DrafterLoadError, match="trained for another target"):
         load_drafter(tmp_path / "drafter", target_vocab_size=VOCAB, target_dir=other)
 
@@ -229,8 +253,13 @@ def tiny_target_like(tmp_path) -> Path:
     target = tmp_path / "target"
     target.mkdir()
     (target / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
-    save_file({"model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN),
-               "lm_head.weight": torch.randn(VOCAB, HIDDEN)}, str(target / "model.safetensors"))
+    save_file(
+        {
+            "model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN),
+            "lm_head.weight": torch.randn(VOCAB, HIDDEN),
+        },
+        str(target / "model.safetensors"),
+    )
     return target
 
 
@@ -244,6 +273,10 @@ def test_pairing_needs_no_tokenizer_of_its_own(parts, tmp_path, tiny_target_like
     assert not list((tmp_path / "drafter").glob("tokenizer*"))
     checked = check_drafter_pairing(str(tmp_path / "drafter"), target_tokenizer="unused")
     assert checked == tmp_path / "drafter"
-    drafter = load_drafter(tmp_path / "drafter", target_vocab_size=VOCAB,
-                           target_tokenizer="unused", target_dir=tiny_target_like)
+    drafter = load_drafter(
+        tmp_path / "drafter",
+        target_vocab_size=VOCAB,
+        target_tokenizer="unused",
+        target_dir=tiny_target_like,
+    )
     assert isinstance(drafter, DFlashDrafter)

@@ -88,8 +88,13 @@ def test_dflash_with_failfast_block_length_and_the_lattice_is_lossless(
         str(tiny_pair.target_dir),
         str(tiny_dflash.path),
         num_speculative_tokens=12,
-        controller={"name": "failfast", "start_length": 4, "increment": 4, "length_cap": 12,
-                    "threshold": 0.3},
+        controller={
+            "name": "failfast",
+            "start_length": 4,
+            "increment": 4,
+            "length_cap": 12,
+            "threshold": 0.3,
+        },
         lattice=True,
     )
     assert result.batches[0].token_ids == no_speculation.batches[0].token_ids

@@ -12,8 +12,9 @@ import torch
 from fixtures.interpreted import collect_cases, run_cases_here, run_file_interpreted
 
 
-def _compare(edge: torch.Tensor, tail: torch.Tensor, is_eos: torch.Tensor,
-             lengths: torch.Tensor) -> None:
+def _compare(
+    edge: torch.Tensor, tail: torch.Tensor, is_eos: torch.Tensor, lengths: torch.Tensor
+) -> None:
     from dlmspec_vllm.kernels.path_search import viterbi_triton
     from dlmspec_vllm.lattice.search import viterbi_reference
 
@@ -23,8 +24,15 @@ def _compare(edge: torch.Tensor, tail: torch.Tensor, is_eos: torch.Tensor,
     assert torch.equal(got[1], want[1]), (got[1], want[1])
 
 
-def _random_edges(batch: int, max_len: int, width: int, order: int, seed: int,
-                  holes: float = 0.2, eos_rate: float = 0.15):
+def _random_edges(
+    batch: int,
+    max_len: int,
+    width: int,
+    order: int,
+    seed: int,
+    holes: float = 0.2,
+    eos_rate: float = 0.15,
+):
     gen = torch.Generator().manual_seed(seed)
     states = width ** (order - 1)
     edge = torch.randn(batch, max_len, states, width, generator=gen)
@@ -72,11 +80,16 @@ def case_from_real_lattices() -> None:
     logits = torch.randn(4, 6, 40, generator=gen) * 1.5
     lat = prune_reference(logits, [6, 0, 3, 1], tau=0.9, m_max=4, eos_id=2)
     for order in (2, 3):
-        scorers = [OnlineNgramScorer(40, order=order, tokens=torch.randint(
-            0, 40, (30,), generator=gen).tolist()) for _ in range(3)] + [None]
+        scorers = [
+            OnlineNgramScorer(
+                40, order=order, tokens=torch.randint(0, 40, (30,), generator=gen).tolist()
+            )
+            for _ in range(3)
+        ] + [None]
         for lam in (0.0, 0.5, 1.0):
             edge, tail, is_eos, _ = build_edge_scores(
-                lat, [[1, 2], [], [5], [3, 3, 3]], scorers, lam=lam, eos_id=2, order=order)
+                lat, [[1, 2], [], [5], [3, 3, 3]], scorers, lam=lam, eos_id=2, order=order
+            )
             _compare(edge, tail, is_eos, lat.lengths)
 
 

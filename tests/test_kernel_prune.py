@@ -22,7 +22,9 @@ def _compare(logits: torch.Tensor, lengths: list[int], **kwargs) -> None:
     want = prune_reference(logits, lengths, **kwargs)
     got = prune_triton(logits, lengths, **kwargs, **launch)
     assert torch.equal(got.num_candidates, want.num_candidates), (
-        got.num_candidates, want.num_candidates)
+        got.num_candidates,
+        want.num_candidates,
+    )
     assert torch.equal(got.token_ids, want.token_ids), (got.token_ids, want.token_ids)
     assert torch.equal(got.lengths, want.lengths)
     assert torch.equal(torch.isneginf(got.log_probs), torch.isneginf(want.log_probs))
@@ -41,26 +43,38 @@ def case_random_ragged() -> None:
 def case_random_split_vocab() -> None:
     logits = _randn(2, 2, 200, seed=1, scale=1.0)
     for splits in (3, 50):  # 50 > chunks: clamped to one range per chunk
-        _compare(logits, [2, 1], tau=0.95, m_max=9, eos_id=EOS, block_v=64,
-                 num_splits=splits)
+        _compare(logits, [2, 1], tau=0.95, m_max=9, eos_id=EOS, block_v=64, num_splits=splits)
 
 
 def case_many_chunks() -> None:
-    _compare(_randn(1, 2, 3000, seed=2, scale=0.5), [2], tau=0.5, m_max=15, eos_id=EOS,
-             block_v=256, num_splits=3)
+    _compare(
+        _randn(1, 2, 3000, seed=2, scale=0.5),
+        [2],
+        tau=0.5,
+        m_max=15,
+        eos_id=EOS,
+        block_v=256,
+        num_splits=3,
+    )
 
 
 def case_bf16() -> None:
-    _compare(_randn(2, 3, 200, seed=3).bfloat16(), [3, 1], tau=0.8, m_max=5, eos_id=EOS,
-             block_v=64, num_splits=2)
+    _compare(
+        _randn(2, 3, 200, seed=3).bfloat16(),
+        [3, 1],
+        tau=0.8,
+        m_max=5,
+        eos_id=EOS,
+        block_v=64,
+        num_splits=2,
+    )
 
 
 def case_ties() -> None:
     gen = torch.Generator().manual_seed(4)
     logits = torch.randint(0, 3, (2, 4, 130), generator=gen).float()
     _compare(logits, [4, 3], tau=0.3, m_max=6, eos_id=EOS, block_v=32, num_splits=3)
-    _compare(torch.zeros(1, 2, 100), [2], tau=0.9, m_max=4, eos_id=None, block_v=32,
-             num_splits=2)
+    _compare(torch.zeros(1, 2, 100), [2], tau=0.9, m_max=4, eos_id=None, block_v=32, num_splits=2)
 
 
 def case_all_mass_on_one_token() -> None:

@@ -45,16 +45,12 @@ def test_matches_definition_on_random_rows(seed: int, eos: int | None) -> None:
     lattice = prune_reference(logits, lengths, tau=0.8, m_max=7, eos_id=eos)
     for b, length in enumerate(lengths):
         for i in range(6):
-            expected = (
-                _definition(logits[b, i].tolist(), 0.8, 7, eos) if i < length else []
-            )
+            expected = _definition(logits[b, i].tolist(), 0.8, 7, eos) if i < length else []
             assert _kept(lattice, b, i) == expected
     log_softmax = torch.log_softmax(logits, -1)
     ids = lattice.token_ids.clamp(min=0)
     used = lattice.token_ids != PAD_ID
-    assert torch.allclose(
-        lattice.log_probs[used], log_softmax.gather(-1, ids)[used], atol=1e-5
-    )
+    assert torch.allclose(lattice.log_probs[used], log_softmax.gather(-1, ids)[used], atol=1e-5)
 
 
 def test_properties_mass_order_eos_padding() -> None:

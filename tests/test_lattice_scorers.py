@@ -118,7 +118,7 @@ def test_built_model_distributions_sum_to_one(order: int) -> None:
     words = [1, 2, 3, 4, 5, 0, 99]  # the corpus ids, </s> (as eos_id 0) and <unk> (as 99)
     contexts = [[-1, -1], [-1, 1], [1, 2], [2, 3], [4, 4], [3, 9], [9, 9], [0, 5]]
     for context in contexts:
-        ctx = torch.tensor([context] * len(words))[:, -(order - 1):]
+        ctx = torch.tensor([context] * len(words))[:, -(order - 1) :]
         total = lm.log_probs(ctx, torch.tensor(words)).double().exp().sum()
         assert float(total) == pytest.approx(1.0, abs=1e-5), context
     # Seen continuations beat unseen ones.
@@ -130,9 +130,19 @@ def test_build_arpa_cli_ids_and_text(tmp_path: Path) -> None:
     corpus.write_text("1 2 3\n\n1 2 4\n2 3 1 2\n")
     out = tmp_path / "lm.arpa"
     subprocess.run(
-        [sys.executable, "-m", "dlmspec_vllm.lattice.build_arpa", "--order", "3",
-         "--input", str(corpus), "--output", str(out)],
-        check=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+        [
+            sys.executable,
+            "-m",
+            "dlmspec_vllm.lattice.build_arpa",
+            "--order",
+            "3",
+            "--input",
+            str(corpus),
+            "--output",
+            str(out),
+        ],
+        check=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
     )
     lm = ArpaNgramScorer.from_file(out)
     assert lm.order == 3 and lm.log_prob([1, 2], 3) > lm.log_prob([1, 2], 1)
@@ -143,8 +153,23 @@ def test_build_arpa_cli_ids_and_text(tmp_path: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "text.txt").write_text("a b c\na b\n")
-    assert main(["--format", "text", "--tokenizer", str(tmp_path), "--order", "2",
-                 "--input", str(tmp_path / "text.txt"), "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--format",
+                "text",
+                "--tokenizer",
+                str(tmp_path),
+                "--order",
+                "2",
+                "--input",
+                str(tmp_path / "text.txt"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert ArpaNgramScorer.from_file(out).log_prob([1], 2) > math.log(0.5)
     with pytest.raises(ValueError, match="token ids"):
         main(["--input", str(tmp_path / "text.txt"), "--output", str(out)])

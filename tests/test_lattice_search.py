@@ -42,7 +42,7 @@ def _score(lat: Lattice, b: int, hist: list[int], scorer, lam: float, seq: tuple
         lq = float(lat.log_probs[b, i, c])
         total = lam * lq if lam > 0 else 0.0
         if scorer is not None and lam < 1:
-            ctx = (hist + prefix)[-(scorer.order - 1):]
+            ctx = (hist + prefix)[-(scorer.order - 1) :]
             ctx = [-1] * (scorer.order - 1 - len(ctx)) + ctx
             token = int(lat.token_ids[b, i, c])
             total += (1 - lam) * _causal(scorer, tuple(ctx), token)
@@ -102,43 +102,64 @@ def test_dp_and_wide_beam_equal_brute_force(order: int, lam: float, seed: int) -
     block, histories, scorers = _random_case(seed, order)
     lat = prune_reference(block.logits, block.lengths, tau=0.9, m_max=4, eos_id=EOS)
     edge, tail, is_eos, token_ids = build_edge_scores(
-        lat, histories, scorers, lam=lam, eos_id=EOS, order=order)
+        lat, histories, scorers, lam=lam, eos_id=EOS, order=order
+    )
     choices, path_len = viterbi_reference(edge, tail, is_eos, lat.lengths)
     beam = beam_search(lat, histories, scorers, lam=lam, eos_id=EOS, beam_width=10_000)
     for b in range(3):
         best, runner_up, best_path = _brute_best(lat, b, histories[b], scorers[b], lam)
         dp_path = tuple(choices[b, : int(path_len[b])].tolist())
         assert _score(lat, b, histories[b], scorers[b], lam, dp_path) == pytest.approx(
-            best, abs=1e-4)
+            best, abs=1e-4
+        )
         beam_ids = [int(lat.token_ids[b, i, c]) for i, c in enumerate(best_path)]
         if best - runner_up > 1e-3:  # a clear winner must be found exactly
             assert dp_path == best_path
             assert beam[b] == beam_ids
         assert token_ids[b, torch.arange(len(dp_path)), list(dp_path)].tolist() == [
-            int(lat.token_ids[b, i, c]) for i, c in enumerate(dp_path)]
+            int(lat.token_ids[b, i, c]) for i, c in enumerate(dp_path)
+        ]
 
 
 @pytest.mark.parametrize("method", ["dp", "beam"])
 def test_lam_one_and_no_scorer_give_argmax_truncated_at_eos(method: str) -> None:
     block, histories, scorers = _random_case(5, order=3)
     block.logits[0, 2, EOS] = 50.0  # request 0 stops at position 2
-    expected = [row[: row.index(EOS) + 1] if EOS in row else row
-                for row in block.argmax_tokens()]
+    expected = [row[: row.index(EOS) + 1] if EOS in row else row for row in block.argmax_tokens()]
     assert expected[0][-1] == EOS and len(expected[0]) == 3
     for lam, scorer_list in [(1.0, scorers), (0.5, None), (0.5, [None] * 3)]:
-        assert select_paths(block, histories, tau=0.8, m_max=5, lam=lam, eos_id=EOS,
-                            scorers=scorer_list, beam_width=2, method=method) == expected
+        assert (
+            select_paths(
+                block,
+                histories,
+                tau=0.8,
+                m_max=5,
+                lam=lam,
+                eos_id=EOS,
+                scorers=scorer_list,
+                beam_width=2,
+                method=method,
+            )
+            == expected
+        )
     # The searches themselves (not only select_paths' shortcut) honour lam = 1.
     lat = prune_reference(block.logits, block.lengths, tau=0.8, m_max=5, eos_id=EOS)
     edge, tail, is_eos, token_ids = build_edge_scores(
-        lat, histories, scorers, lam=1.0, eos_id=EOS, order=3)
+        lat, histories, scorers, lam=1.0, eos_id=EOS, order=3
+    )
     choices, path_len = viterbi_reference(edge, tail, is_eos, lat.lengths)
-    dp = [token_ids[b].gather(-1, choices[b].clamp(min=0)[:, None]).squeeze(-1)
-          [: int(path_len[b])].tolist() for b in range(3)]
+    dp = [
+        token_ids[b]
+        .gather(-1, choices[b].clamp(min=0)[:, None])
+        .squeeze(-1)[: int(path_len[b])]
+        .tolist()
+        for b in range(3)
+    ]
     assert dp == expected
     for width in (1, 3):
-        assert beam_search(lat, histories, scorers, lam=1.0, eos_id=EOS,
-                           beam_width=width) == expected
+        assert (
+            beam_search(lat, histories, scorers, lam=1.0, eos_id=EOS, beam_width=width) == expected
+        )
 
 
 def test_causal_scorer_changes_the_path() -> None:
@@ -152,8 +173,9 @@ def test_causal_scorer_changes_the_path() -> None:
     kwargs = dict(tau=0.9, m_max=3, eos_id=None, beam_width=3)
     assert select_paths(block, [[1]], lam=1.0, scorers=[lm], method="dp", **kwargs) == [[7, 7, 7]]
     for method in ("dp", "beam"):
-        assert select_paths(block, [[1]], lam=0.5, scorers=[lm], method=method,
-                            **kwargs) == [[5, 6, 8]]
+        assert select_paths(block, [[1]], lam=0.5, scorers=[lm], method=method, **kwargs) == [
+            [5, 6, 8]
+        ]
 
 
 def test_forced_eos_does_not_cut_confident_novel_drafts() -> None:
@@ -162,8 +184,17 @@ def test_forced_eos_does_not_cut_confident_novel_drafts() -> None:
     logits = torch.full((1, 8, VOCAB), -4.0)
     logits[0, torch.arange(8), torch.arange(8) + 10] = 6.0
     scorer = OnlineNgramScorer(VOCAB, tokens=[3, 4, 5] * 5)
-    paths = select_paths(DraftBlock(logits, [8]), [[3, 4, 5]], tau=0.9, m_max=4, lam=0.5,
-                         eos_id=EOS, scorers=[scorer], beam_width=3, method="dp")
+    paths = select_paths(
+        DraftBlock(logits, [8]),
+        [[3, 4, 5]],
+        tau=0.9,
+        m_max=4,
+        lam=0.5,
+        eos_id=EOS,
+        scorers=[scorer],
+        beam_width=3,
+        method="dp",
+    )
     assert paths == [list(range(10, 18))]
 
 
@@ -171,8 +202,17 @@ def test_ragged_lengths_ties_and_fallback() -> None:
     block, histories, scorers = _random_case(9, order=3)
     block.lengths[:] = [0, 1, 5]
     block.logits[2, 1] = 0.0  # a flat position: ties broken towards lower ids
-    out = select_paths(block, histories, tau=0.6, m_max=3, lam=0.5, eos_id=EOS,
-                       scorers=scorers, beam_width=2, method="dp")
+    out = select_paths(
+        block,
+        histories,
+        tau=0.6,
+        m_max=3,
+        lam=0.5,
+        eos_id=EOS,
+        scorers=scorers,
+        beam_width=2,
+        method="dp",
+    )
     assert out[0] == [] and len(out[1]) == 1 and 1 <= len(out[2]) <= 5
     assert all(EOS not in p[:-1] for p in out)
     # Order 5 over an 8-wide lattice is beyond the exact search: select_paths uses beam.
@@ -180,18 +220,42 @@ def test_ragged_lengths_ties_and_fallback() -> None:
     assert not dp_is_tractable(8, 5) and dp_is_tractable(16, 3)
     lat = prune_reference(block.logits, block.lengths, tau=0.999, m_max=8, eos_id=EOS)
     assert int(lat.num_candidates.max()) > 4
-    assert select_paths(block, histories, tau=0.999, m_max=8, lam=0.5, eos_id=EOS,
-                        scorers=big, beam_width=2, method="dp") == beam_search(
-        lat, histories, big, lam=0.5, eos_id=EOS, beam_width=2)
+    assert select_paths(
+        block,
+        histories,
+        tau=0.999,
+        m_max=8,
+        lam=0.5,
+        eos_id=EOS,
+        scorers=big,
+        beam_width=2,
+        method="dp",
+    ) == beam_search(lat, histories, big, lam=0.5, eos_id=EOS, beam_width=2)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"lam": 1.5}, "lam"), ({"method": "greedy"}, "method"), ({"beam_width": 0}, "beam"),
-     ({"histories": [[]]}, "history"), ({"scorers": [None]}, "scorer")],
+    [
+        ({"lam": 1.5}, "lam"),
+        ({"method": "greedy"}, "method"),
+        ({"beam_width": 0}, "beam"),
+        ({"histories": [[]]}, "history"),
+        ({"scorers": [None]}, "scorer"),
+    ],
 )
 def test_select_paths_argument_errors(kwargs: dict, message: str) -> None:
-    args = dict(histories=[[], []], tau=0.8, m_max=3, lam=0.5, eos_id=None, scorers=None,
-                beam_width=2, method="dp") | kwargs
+    args = (
+        dict(
+            histories=[[], []],
+            tau=0.8,
+            m_max=3,
+            lam=0.5,
+            eos_id=None,
+            scorers=None,
+            beam_width=2,
+            method="dp",
+        )
+        | kwargs
+    )
     with pytest.raises(ValueError, match=message):
         select_paths(DraftBlock(torch.zeros(2, 2, 8), [2, 2]), **args)

@@ -134,9 +134,12 @@ def test_dflash_run_resumes_exactly_and_loads_as_a_target_conditioned_drafter(
 
     from dlmspec_vllm.drafters.base import TargetConditionedDrafter, TargetFeatures
 
-    drafter = load_drafter(whole, target_vocab_size=tiny_pair.vocab_size,
-                           target_tokenizer=tiny_pair.target_dir,
-                           target_dir=tiny_pair.target_dir)
+    drafter = load_drafter(
+        whole,
+        target_vocab_size=tiny_pair.vocab_size,
+        target_tokenizer=tiny_pair.target_dir,
+        target_dir=tiny_pair.target_dir,
+    )
     assert isinstance(drafter, TargetConditionedDrafter)
     drafter.observe("r", TargetFeatures(torch.arange(4), torch.randn(4, 64)))
     assert drafter.draft([[5, 6, 7, 8, 9]], [3], req_ids=["r"]).lengths == [3]
