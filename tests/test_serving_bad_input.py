@@ -15,7 +15,7 @@ import json
 import pytest
 import requests
 
-from dlmspec_vllm.serving import OpenAIServer
+from dlmspec_vllm.serving import OpenAIServer, speculative_and_plain_servers
 
 pytestmark = pytest.mark.vllm
 
@@ -34,19 +34,10 @@ def servers(tiny_pair, tmp_path_factory):
         "num_speculative_tokens": K,
         "max_draft_context": MAX_DRAFT_CONTEXT,
     }
-    dlm = OpenAIServer(
-        tiny_pair.target_dir,
-        log_path=tmp / "dlm.log",
-        speculative_config=spec,
-        max_model_len=MAX_MODEL_LEN,
-    )
-    base = OpenAIServer(
-        tiny_pair.target_dir, log_path=tmp / "base.log", max_model_len=MAX_MODEL_LEN
-    )
-    with dlm, base:  # each server stops on leaving, whatever happened
-        dlm.wait_ready()
-        base.wait_ready()
-        yield dlm, base
+    with speculative_and_plain_servers(
+        tiny_pair.target_dir, tmp, spec, max_model_len=MAX_MODEL_LEN
+    ) as pair:
+        yield pair
 
 
 def post(server: OpenAIServer, path: str, body: dict | str) -> requests.Response:

