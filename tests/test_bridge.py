@@ -157,8 +157,10 @@ def test_bridged_drafts_use_and_free_the_drafters_cache(
     contexts = ragged_contexts(heldout_ids(tiny_pair.target_dir), 2)
     first = bridged.draft(contexts, [5, 5], req_ids=["p", "q"])
     assert bridged.num_cached_requests == 2 and bridged.cache_bytes > 0
+    assert bridged.cached_tokens == bridged.inner.cached_tokens > 0
     again = bridged.draft(contexts, [5, 5], req_ids=["p", "q"])
     assert again.argmax_tokens() == first.argmax_tokens()
     bridged.forget("p")
     bridged.forget("q")
     assert bridged.num_cached_requests == 0 and bridged.cache_bytes == 0
+    assert bridged.cached_tokens == 0

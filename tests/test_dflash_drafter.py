@@ -93,7 +93,7 @@ def test_incremental_context_with_rejected_drafts_equals_from_scratch(parts):
     block = drafter.draft([tokens[:21]], [4], req_ids=["r"])
     assert block.lengths == [4]
     torch.testing.assert_close(block.logits[0], direct_logits(parts, tokens, features, 20, 4))
-    assert drafter.num_cached_tokens == 20
+    assert drafter.cached_tokens == 20
 
 
 def test_batched_rows_of_different_context_lengths_equal_each_alone(parts):
@@ -137,9 +137,9 @@ def test_forget_and_token_budget_free_the_cache(parts):
     )  # fmt: skip
     drafter.observe("a", TargetFeatures(torch.arange(10), torch.randn(10, FEATURES)))
     drafter.observe("b", TargetFeatures(torch.arange(10), torch.randn(10, FEATURES)))
-    assert drafter.num_cached_requests == 1 and drafter.num_cached_tokens == 10  # "a" evicted
+    assert drafter.num_cached_requests == 1 and drafter.cached_tokens == 10  # "a" evicted
     drafter.forget("b")
-    assert drafter.num_cached_requests == 0 and drafter.num_cached_tokens == 0
+    assert drafter.num_cached_requests == 0 and drafter.cached_tokens == 0
 
 
 def test_draft_vocabulary_scores_only_its_ids(parts):

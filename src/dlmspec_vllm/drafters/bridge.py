@@ -192,6 +192,10 @@ class BridgedDrafter:
         return self.inner.num_cached_requests
 
     @property
+    def cached_tokens(self) -> int:
+        return self.inner.cached_tokens
+
+    @property
     def cache_bytes(self) -> int:
         return self.inner.cache_bytes
 

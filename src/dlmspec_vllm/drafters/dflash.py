@@ -351,7 +351,7 @@ class DFlashDrafter:
         return len(self._contexts)
 
     @property
-    def num_cached_tokens(self) -> int:
+    def cached_tokens(self) -> int:
         return self._cached_tokens
 
     @torch.inference_mode()
