@@ -462,11 +462,14 @@ def _generations(
         "max_new_tokens": args.gen_tokens,
     }
     if args.generator == "vllm":
-        key["generator"] = {"vllm": vllm_generation_engine(args.target)}
+        engine = vllm_generation_engine(args.target)
+        key["generator"] = {"vllm": engine}
+        decoding = f"vLLM {engine}"
         produce = lambda: generate_greedy_vllm(  # noqa: E731
             args.target, tokenizer, prompts, max_new_tokens=args.gen_tokens
         )
     else:
+        decoding = "transformers generate"
         produce = lambda: generate_greedy(  # noqa: E731
             target,
             tokenizer,
@@ -489,12 +492,7 @@ def _generations(
             "alternately 'write this function' and 'explain this code'; math: seeded "
             "arithmetic templates; chat: seeded everyday-request templates (corpus.py); all "
             "in the target's chat template, none from benchmarks/prompts.json",
-            "decoding": f"greedy, at most {args.gen_tokens} new tokens, "
-            + (
-                f"vLLM {vllm_generation_engine(args.target)}"
-                if args.generator == "vllm"
-                else "transformers generate"
-            ),
+            "decoding": f"greedy, at most {args.gen_tokens} new tokens, {decoding}",
             "generated_tokens": sum(len(r["output_ids"]) for r in records),
             "tokens": generations.numel(),
             "sha256": sha256_of_tensor(generations),

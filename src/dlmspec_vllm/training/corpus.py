@@ -352,8 +352,9 @@ VLLM_GENERATION_ENGINE = {
 def vllm_generation_engine(target_dir: Path) -> dict[str, object]:
     """VLLM_GENERATION_ENGINE for this target: max_model_len no longer than its own window."""
     config = json.loads((Path(target_dir) / "config.json").read_text())
-    window = int(config.get("max_position_embeddings") or VLLM_GENERATION_ENGINE["max_model_len"])
-    return {**VLLM_GENERATION_ENGINE, "max_model_len": min(1024, window)}
+    longest = int(VLLM_GENERATION_ENGINE["max_model_len"])
+    window = int(config.get("max_position_embeddings") or longest)
+    return {**VLLM_GENERATION_ENGINE, "max_model_len": min(longest, window)}
 
 
 def generate_greedy_vllm(
