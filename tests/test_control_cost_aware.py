@@ -7,9 +7,22 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from dlmspec_vllm.control import CostAwareController, CostModel
+from dlmspec_vllm.control import BatchCostModel, CostAwareController, CostModel, StepTiming
 
 Cost = Callable[[int], float]
+
+
+def record_batch1(controller, draft_seconds, draft_len, verify_seconds, verify_tokens) -> None:
+    """One step at batch 1: a draft pass of draft_len tokens, then its verification."""
+    controller.record_step(
+        StepTiming(
+            batch_size=1,
+            verify_seconds=verify_seconds,
+            verified_tokens=verify_tokens,
+            draft_seconds=draft_seconds,
+            drafted_tokens=draft_len,
+        )
+    )
 
 
 def expected_accepted(k: int, rates: Sequence[float]) -> float:
@@ -88,19 +101,19 @@ def test_long_drafts_when_verification_is_cheap_and_acceptance_high() -> None:
     controller = CostAwareController(32)
     for step in range(40):
         k = controller.initial_length("r")
-        controller.record_costs(0.002, k, 0.02 + 0.00002 * k, k)
+        record_batch1(controller, 0.002, k, 0.02 + 0.00002 * k, k)
         controller.observe("r", drafted=k, accepted=k, generated=k)
         if step >= 10:
             assert k == 32
 
 
 def test_no_draft_when_nothing_is_accepted_and_drafting_costs() -> None:
-    controller = CostAwareController(32, probe_interval=16)
+    controller = CostAwareController(32, probe_interval=16, probe_budget=0.1)
     lengths = []
     for _ in range(80):
         k = controller.initial_length("r")
         lengths.append(k)
-        controller.record_costs(0.3 if k else 0.0, k, 1.0 + 0.01 * k, k)
+        record_batch1(controller, 0.3 if k else 0.0, k, 1.0 + 0.01 * k, k)
         controller.observe("r", drafted=k, accepted=0, generated=k)
     late = lengths[16:]
     probes = [k for k in late if k > 0]
@@ -109,18 +122,35 @@ def test_no_draft_when_nothing_is_accepted_and_drafting_costs() -> None:
     assert controller.stats().extra["probes"] >= 3
 
 
+@pytest.mark.parametrize("budget", [0.0, 0.01, 0.05])
+def test_probes_never_cost_more_than_their_budget(budget: float) -> None:
+    controller = CostAwareController(8, probe_interval=1, probe_budget=budget)
+    probe_seconds = total_seconds = 0.0
+    for step in range(400):
+        k = controller.initial_length("r")
+        draft_s = 0.3 if k else 0.0
+        verify_s = 1.0 + 0.05 * k
+        record_batch1(controller, draft_s, k, verify_s, k)
+        controller.observe("r", drafted=k, accepted=0, generated=k)
+        total_seconds += draft_s + verify_s
+        if step >= 40 and k:  # past the start, every draft is a probe
+            probe_seconds += draft_s + verify_s - 1.0
+    assert probe_seconds <= budget * total_seconds + 0.5
+    assert (controller.stats().extra["probes"] > 0) == (budget > 0)
+
+
 def test_probe_notices_when_drafting_pays_again() -> None:
-    controller = CostAwareController(16, probe_interval=4)
+    controller = CostAwareController(16, probe_interval=4, probe_budget=0.1)
     for _ in range(30):  # a hard stretch: nothing accepted
         k = controller.initial_length("r")
-        controller.record_costs(0.2 if k else 0.0, k, 1.0 + 0.01 * k, k)
+        record_batch1(controller, 0.2 if k else 0.0, k, 1.0 + 0.01 * k, k)
         controller.observe("r", drafted=k, accepted=0, generated=k)
     assert controller.initial_length("r") == 0
     lengths = []
     for _ in range(30):  # an easy stretch: everything drafted is accepted
         k = controller.initial_length("r")
         lengths.append(k)
-        controller.record_costs(0.2 if k else 0.0, k, 1.0 + 0.01 * k, k)
+        record_batch1(controller, 0.2 if k else 0.0, k, 1.0 + 0.01 * k, k)
         controller.observe("r", drafted=k, accepted=k, generated=k)
     assert lengths[-5:] == [16] * 5
 
@@ -130,7 +160,7 @@ def test_new_request_starts_from_what_other_requests_saw() -> None:
     for i in range(20):
         req = f"r{i}"
         k = controller.initial_length(req)
-        controller.record_costs(0.2, k, 1.0 + 0.01 * k, k)
+        record_batch1(controller, 0.2, k, 1.0 + 0.01 * k, k)
         controller.observe(req, drafted=k, accepted=min(k, 2), generated=k)
         controller.forget(req)
     rates = controller.acceptance_rates("fresh")
@@ -144,8 +174,8 @@ def test_clip_trims_a_low_confidence_tail_when_verification_is_steep() -> None:
     steep = CostAwareController(16)
     flat = CostAwareController(16)
     for n in (4, 8, 16) * 5:
-        steep.record_costs(0.1, 16, 1.0 + 0.1 * n, n)
-        flat.record_costs(0.1, 16, 1.0 + 0.001 * n, n)
+        record_batch1(steep, 0.1, 16, 1.0 + 0.1 * n, n)
+        record_batch1(flat, 0.1, 16, 1.0 + 0.001 * n, n)
     kept_steep = steep.clip("r", confidences)
     kept_flat = flat.clip("r", confidences)
     assert 3 <= kept_steep <= 5 < kept_flat
@@ -157,7 +187,7 @@ def test_clip_calibrates_an_overconfident_drafter() -> None:
     tokens the target always rejects is learned to be worth little."""
     controller = CostAwareController(16, confidence_weight=1.0)
     for n in (4, 8, 16):
-        controller.record_costs(0.1, 16, 1.0 + 0.05 * n, n)
+        record_batch1(controller, 0.1, 16, 1.0 + 0.05 * n, n)
     confidences = [0.95] * 16
     before = controller.clip("r", confidences)
     for _ in range(30):
@@ -197,7 +227,7 @@ def test_converges_to_within_5_percent_of_the_best_fixed_length(workload: str) -
                 accepted += 1
             jitter = 1.0 + 0.05 * rng.uniform(-1.0, 1.0)  # measured times are noisy
             draft_s = draft(k) * jitter if k else 0.0
-            controller.record_costs(draft_s, k, verify(k) * jitter, k)
+            record_batch1(controller, draft_s, k, verify(k) * jitter, k)
             controller.observe(req, drafted=k, accepted=accepted, generated=k)
             if r > 0:  # the first request is warm-up; judge the expected value of each choice
                 tokens += expected_accepted(k, rates) + 1.0
@@ -209,11 +239,11 @@ def test_converges_to_within_5_percent_of_the_best_fixed_length(workload: str) -
 
 
 def test_a_probe_is_sent_whole_even_where_clip_would_trim_it() -> None:
-    controller = CostAwareController(8, probe_interval=3)
+    controller = CostAwareController(8, probe_interval=3, probe_budget=0.2)
     for _ in range(30):  # nothing accepted, unconfident drafts: drafting stops
         k = controller.initial_length("r")
         sent = controller.clip("r", [0.01] * k) if k else 0
-        controller.record_costs(0.5 if k else 0.0, k, 1.0 + 0.01 * sent, sent)
+        record_batch1(controller, 0.5 if k else 0.0, k, 1.0 + 0.01 * sent, sent)
         controller.observe("r", drafted=sent, accepted=0, generated=k)
     decisions = []
     for _ in range(3 * 3):
@@ -225,3 +255,67 @@ def test_a_probe_is_sent_whole_even_where_clip_would_trim_it() -> None:
         controller.observe("r", drafted=k, accepted=0, generated=k)
     assert decisions, "no probe in three probe intervals"
     assert all(sent == k for k, sent in decisions)
+
+
+# Draft sources: (seconds of a pass, per drafted token) and the acceptance rate per position.
+SOURCES = {
+    "drafter": ((0.01, 0.0005), 0.7),
+    "copied": ((0.0001, 0.0), 0.9),  # a context lookup: nearly free, and accepted more often
+}
+
+
+def batch_costs(source: str, batch: int, draft_tokens: int, drafters: int) -> tuple[float, float]:
+    """A scripted engine: (draft seconds, verify seconds) of one step. Verification has a
+    per-request and a per-draft-token part, so at batch 1 it is nearly free to draft and at
+    batch 64 every draft token costs more than the tokens it brings."""
+    (fixed, per_token), _ = SOURCES[source]
+    draft = fixed + per_token * draft_tokens if drafters else 0.0
+    return draft, 0.05 + 0.002 * batch + 0.004 * draft_tokens
+
+
+def run_phase(controller, rng, source: str, batch: int, steps: int, first: int = 0) -> list[int]:
+    """Steps at one batch size; per step, how many requests drafted."""
+    req_ids = [f"r{i}" for i in range(first, first + batch)]
+    rate = SOURCES[source][1]
+    drafting = []
+    for _ in range(steps):
+        controller.begin_step(batch)
+        lengths = controller.initial_lengths(req_ids)
+        for req_id, k in zip(req_ids, lengths):
+            accepted = 0
+            while accepted < k and rng.random() < rate:
+                accepted += 1
+            controller.observe(req_id, drafted=k, accepted=accepted, generated=k)
+        total = sum(lengths)
+        draft_s, verify_s = batch_costs(source, batch, total, sum(1 for k in lengths if k))
+        controller.record_step(StepTiming(batch, verify_s, total, draft_s, total))
+        drafting.append(sum(1 for k in lengths if k))
+    return drafting
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_stops_drafting_where_the_batch_makes_it_lose_and_resumes_when_it_shrinks(
+    source: str,
+) -> None:
+    rng = random.Random(7)
+    controller = CostAwareController(8)
+    alone = run_phase(controller, rng, source, batch=1, steps=40)
+    assert all(alone[10:])  # at batch 1 drafting pays: it drafts every step
+    burst = run_phase(controller, rng, source, batch=64, steps=200, first=1)
+    late = burst[50:]
+    # At batch 64 a draft token costs more than it brings: only budgeted probes draft.
+    assert sum(late) <= 0.02 * 64 * len(late)
+    again = run_phase(controller, rng, source, batch=1, steps=20)
+    assert all(again[2:])  # the burst is over: batch 1's costs apply again
+
+
+def test_batch_cost_model_keeps_buckets_apart_and_borrows_the_nearest() -> None:
+    costs = BatchCostModel()
+    for n in (0, 4, 8) * 10:
+        costs.record(StepTiming(1, 0.05 + 0.0001 * n, n, 0.01 if n else 0.0, n))
+        costs.record(StepTiming(60, 0.5 + 0.02 * n, n, 0.02 if n else 0.0, n))
+    assert sorted(costs.buckets) == [1, 64]
+    assert costs.model_for(1).verify_cost(8) == pytest.approx(0.0508, rel=0.02)
+    assert costs.model_for(64).verify_cost(8) == pytest.approx(0.66, rel=0.02)
+    assert costs.model_for(2) is costs.model_for(1)
+    assert costs.model_for(32) is costs.model_for(128) is costs.model_for(64)

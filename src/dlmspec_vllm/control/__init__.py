@@ -7,15 +7,21 @@ cost_aware  ours: maximise expected tokens per second from learned acceptance an
 """
 
 from dlmspec_vllm.control.adl import ADLController
-from dlmspec_vllm.control.base import ControllerStats, LengthController, StatefulController
+from dlmspec_vllm.control.base import (
+    ControllerStats,
+    LengthController,
+    StatefulController,
+    StepTiming,
+)
 from dlmspec_vllm.control.cost_aware import CostAwareController
-from dlmspec_vllm.control.cost_model import CostModel
+from dlmspec_vllm.control.cost_model import BatchCostModel, CostModel
 from dlmspec_vllm.control.factory import CONTROLLERS, make_controller
 from dlmspec_vllm.control.failfast import FailFastController
 from dlmspec_vllm.control.fixed import FixedLengthController
 
 __all__ = [
     "ADLController",
+    "BatchCostModel",
     "CONTROLLERS",
     "ControllerStats",
     "CostAwareController",
@@ -24,5 +30,6 @@ __all__ = [
     "FixedLengthController",
     "LengthController",
     "StatefulController",
+    "StepTiming",
     "make_controller",
 ]

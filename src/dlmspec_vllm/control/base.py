@@ -6,7 +6,9 @@ than one doing arithmetic), while priors, cost measurements and counters are eng
 
 Per engine step the proposer drives each request through:
 
-    k = c.initial_length(req_id)            # 0 means: no draft for this request this step
+    c.record_step(timing)                   # what the last step cost (cost-aware learns)
+    c.begin_step(batch_size)                # requests decoding in the step being decided
+    ks = c.initial_lengths(req_ids)         # 0 means: no draft for that request this step
     extra = c.extension(req_id, confs)      # after each drafter pass; > 0 asks for another pass
     n = c.clip(req_id, confs)               # how many drafted tokens to send for verification
     c.observe(req_id, drafted=n, accepted=a, generated=g)   # next step, from vLLM's acceptance
@@ -112,6 +114,25 @@ class ControllerStats:
         return out
 
 
+@dataclass(frozen=True)
+class StepTiming:
+    """One engine step as a draft source saw it; the proposer measures it, controllers learn.
+
+    batch_size: requests decoding in the step that verified the last drafts.
+    verify_seconds: that step's time outside the proposer (the target's forward, sampling,
+        vLLM's bookkeeping and scheduling), for the whole batch.
+    verified_tokens: draft tokens it verified, over all requests and sources.
+    draft_seconds: what this source spent drafting in the proposer call before it.
+    drafted_tokens: tokens this source drafted in that call (0: it did not run).
+    """
+
+    batch_size: int
+    verify_seconds: float
+    verified_tokens: int
+    draft_seconds: float = 0.0
+    drafted_tokens: int = 0
+
+
 class LengthController(ABC):
     """Decides, per request and step, how many tokens the diffusion drafter proposes.
 
@@ -135,9 +156,23 @@ class LengthController(ABC):
     def max_length(self) -> int:
         return self._max_length
 
+    def record_step(self, timing: StepTiming) -> None:  # noqa: B027 (most controllers ignore cost)
+        """What the engine step before cost; controllers that weigh cost learn from it."""
+
+    def begin_step(self, batch_size: int) -> None:  # noqa: B027 (most controllers ignore batch size)
+        """The step about to be decided has batch_size requests decoding."""
+
+    def initial_lengths(self, req_ids: Sequence[str]) -> list[int]:
+        """Tokens each request drafts in this step's first pass; 0 means no draft this step.
+
+        Decided for the step's requests together: a drafter pass costs the same whether one
+        request or many use it, so whether one request's draft pays depends on the others'.
+        """
+        return [max(0, min(k, self._max_length)) for k in self._initial_lengths(req_ids)]
+
     def initial_length(self, req_id: str) -> int:
-        """Tokens to draft in this step's first drafter pass; 0 means no draft this step."""
-        return max(0, min(self._initial_length(req_id), self._max_length))
+        """initial_lengths for one request."""
+        return self.initial_lengths([req_id])[0]
 
     def extension(self, req_id: str, confidences: Sequence[float]) -> int:
         """How many more positions to draft in a further pass (0: stop drafting this step).
@@ -193,6 +228,10 @@ class LengthController(ABC):
     @abstractmethod
     def _initial_length(self, req_id: str) -> int:
         """Unclamped first-pass length."""
+
+    def _initial_lengths(self, req_ids: Sequence[str]) -> list[int]:
+        """Unclamped first-pass lengths; by default each request decides alone."""
+        return [self._initial_length(req_id) for req_id in req_ids]
 
     def _extension(self, req_id: str, confidences: Sequence[float]) -> int:
         """Unclamped extension; only controllers that draft in several passes override it."""

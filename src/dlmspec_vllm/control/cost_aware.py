@@ -27,10 +27,22 @@ bins, each shrunk toward its centre, so an uncalibrated drafter is taken at its 
 pass is then already paid, so clip() keeps the prefix that maximises tokens per second with that
 sunk cost, trimming tails that verification would waste time on.
 
-A request whose best choice is k = 0 gets no new acceptance evidence, so every probe_interval-th
-consecutive zero decision drafts anyway (the best k >= 1) to notice when drafting pays again.
+Costs are those measured at the current batch size (BatchCostModel: one cost model per batch-size
+bucket, whole-step timings). A request's share of a step is the verification's fixed part over
+the batch, the verification's per-token slope for each token it drafts, and the drafter pass's
+fixed part over the requests that draft this step: so the decision is made for the step's
+requests together (initial_lengths), fewer drafters each paying more of the pass, until the
+set that drafts is consistent. Where drafting loses at this batch size, nobody drafts; when the
+batch shrinks (the end of a burst), the smaller bucket's costs apply again and drafting resumes.
 
-Costs come from CostModel (record_costs); with no measurements yet its relative prior applies.
+A request whose best choice is k = 0 gets no new acceptance evidence, so it probes (drafts the
+best k >= 1 anyway) to notice when drafting pays again: after probe_interval consecutive zero
+decisions, and only while the probe budget, a share of the measured step time, pays for the
+probe's drafter pass and verification. So probing never costs more than that share, whatever
+the batch size; with no measurements yet there is no budget and no probe.
+
+Costs come from record_step (the proposer's timing of every step); until then the relative
+prior of CostModel applies.
 """
 
 from __future__ import annotations
@@ -39,8 +51,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 
-from dlmspec_vllm.control.base import StatefulController, check_float, check_int
-from dlmspec_vllm.control.cost_model import CostModel
+from dlmspec_vllm.control.base import StatefulController, StepTiming, check_float, check_int
+from dlmspec_vllm.control.cost_model import BatchCostModel, CostModel
 
 _CONFIDENCE_BINS = 10
 
@@ -101,6 +113,7 @@ class CostAwareController(StatefulController[_History]):
         pooled_decay: float = 0.99,
         confidence_weight: float = 0.5,
         probe_interval: int = 16,
+        probe_budget: float = 0.01,
         draft_cost_ratio: float = 0.2,
         draft_cost_slope: float = 0.02,
         verify_cost_slope: float = 0.01,
@@ -118,8 +131,9 @@ class CostAwareController(StatefulController[_History]):
         pooled_decay in (0, 1]: the same for the pooled table, per observation of any request
             (0.99: the last ~100 observations describe the drafter's recent behaviour).
         confidence_weight in [0, 1]: share of the calibrated drafter confidence in clip().
-        probe_interval >= 1: every probe_interval-th consecutive k = 0 decision drafts anyway
-            (1: never skip drafting).
+        probe_interval >= 1: consecutive k = 0 decisions before a request may probe.
+        probe_budget in [0, 1]: most share of the measured step time spent on probes (0.01:
+            probing costs at most 1%; 0 never probes).
         """
         super().__init__(max_length)
         self._prior = check_float(
@@ -130,12 +144,15 @@ class CostAwareController(StatefulController[_History]):
         self._pooled_decay = check_float("pooled_decay", pooled_decay, 0.0, 1.0, low_open=True)
         self._conf_weight = check_float("confidence_weight", confidence_weight, 0.0, 1.0)
         self._probe_interval = check_int("probe_interval", probe_interval, 1)
-        self._costs = CostModel(
+        self._probe_budget = check_float("probe_budget", probe_budget, 0.0, 1.0)
+        self._probe_credit = 0.0  # seconds of probing the budget has paid for and not spent
+        self._costs = BatchCostModel(
             draft_cost_ratio=draft_cost_ratio,
             draft_cost_slope=draft_cost_slope,
             verify_cost_slope=verify_cost_slope,
             cost_ema=cost_ema,
         )
+        self._batch_size = 1
         self._pooled = _Counts(self.max_length)
         self._profile: tuple[float, list[float]] | None = None
         self._calib_successes = [0.0] * _CONFIDENCE_BINS
@@ -144,18 +161,28 @@ class CostAwareController(StatefulController[_History]):
         self._trimmed = 0
 
     @property
-    def cost_model(self) -> CostModel:
+    def costs(self) -> BatchCostModel:
         return self._costs
 
-    def record_costs(
-        self, draft_seconds: float, draft_len: int, verify_seconds: float, verify_tokens: int
-    ) -> None:
-        """Feed one step's measured timings to the cost model (see CostModel.record).
+    def record_step(self, timing: StepTiming) -> None:
+        self._costs.record(timing)
+        spent = timing.verify_seconds + timing.draft_seconds
+        # Credit is capped at one step's worth, so a long quiet stretch cannot buy a burst.
+        self._probe_credit = min(self._probe_credit + self._probe_budget * spent, spent)
 
-        The model is per request, exact at batch size 1; at larger batches pass what the step
-        cost one request (e.g. the batch's time divided by its size) and that request's lengths.
-        """
-        self._costs.record(draft_seconds, draft_len, verify_seconds, verify_tokens)
+    def begin_step(self, batch_size: int) -> None:
+        self._batch_size = max(1, batch_size)
+
+    @property
+    def _step_costs(self) -> CostModel:
+        """The cost model of the current batch size."""
+        return self._costs.model_for(self._batch_size)
+
+    def _request_lines(self, drafting: int) -> tuple[tuple[float, float], tuple[float, float]]:
+        """One request's share of this step's draft and verify cost lines, with `drafting`
+        requests sharing the drafter pass."""
+        (draft_a, draft_b), (verify_a, verify_b) = self._step_costs.lines()
+        return (draft_a / max(1, drafting), draft_b), (verify_a / self._batch_size, verify_b)
 
     def _new_state(self) -> _History:
         return _History(_Counts(self.max_length))
@@ -191,22 +218,67 @@ class CostAwareController(StatefulController[_History]):
         return rates
 
     def _initial_length(self, req_id: str) -> int:
-        best, best_drafting = self._best_lengths(self.acceptance_rates(req_id))
-        history = self._state(req_id)
-        if best > 0:
-            history.zero_streak = 0
-            return best
-        history.zero_streak += 1
-        if history.zero_streak < self._probe_interval:
-            return 0
-        history.zero_streak = 0
-        history.probing = True
-        self._probes += 1
-        return best_drafting
+        return self._initial_lengths([req_id])[0]
 
-    def _best_lengths(self, rates: Sequence[float]) -> tuple[int, int]:
-        """(best k over [0, max_length], best k over [1, max_length]) by tokens per second."""
-        (draft_a, draft_b), (verify_a, verify_b) = self._costs.lines()
+    def _initial_lengths(self, req_ids: Sequence[str]) -> list[int]:
+        rates = [self.acceptance_rates(req_id) for req_id in req_ids]
+        drafting = len(req_ids)
+        while True:
+            lines = self._request_lines(drafting)
+            choices = [self._best_lengths(r, lines) for r in rates]
+            now_drafting = sum(1 for best, _ in choices if best > 0)
+            # Fewer drafters share the pass's fixed cost, so each pays more: decide again
+            # until the set that drafts is the one the shares were computed for.
+            if now_drafting in (0, drafting):
+                break
+            drafting = now_drafting
+        lengths = [best for best, _ in choices]
+        candidates = []
+        for i, req_id in enumerate(req_ids):
+            history = self._state(req_id)
+            if lengths[i] > 0:
+                history.zero_streak = 0
+                continue
+            history.zero_streak += 1
+            if history.zero_streak >= self._probe_interval:
+                candidates.append(i)
+        self._probe(candidates, req_ids, choices, lengths, drafting=now_drafting)
+        return lengths
+
+    def _probe(
+        self,
+        candidates: list[int],
+        req_ids: Sequence[str],
+        choices: list[tuple[int, int]],
+        lengths: list[int],
+        *,
+        drafting: int,
+    ) -> None:
+        """Let the longest-waiting candidates draft their best k >= 1 while the budget pays
+        for it: the pass's fixed cost if nobody drafts yet, and each probe's tokens."""
+        (draft_a, draft_b), (_, verify_b) = self._step_costs.lines()
+        candidates.sort(key=lambda i: -self._state(req_ids[i]).zero_streak)
+        for i in candidates:
+            k = choices[i][1]
+            cost = (draft_a if drafting == 0 else 0.0) + (draft_b + verify_b) * k
+            if cost > self._probe_credit:
+                break
+            self._probe_credit -= cost
+            drafting += 1
+            history = self._state(req_ids[i])
+            history.zero_streak = 0
+            history.probing = True
+            self._probes += 1
+            lengths[i] = k
+
+    def _best_lengths(
+        self,
+        rates: Sequence[float],
+        lines: tuple[tuple[float, float], tuple[float, float]],
+    ) -> tuple[int, int]:
+        """(best k over [0, max_length], best k over [1, max_length]) by tokens per second of
+        one request's share of the step."""
+        (draft_a, draft_b), (verify_a, verify_b) = lines
         no_draft = 1.0 / verify_a
         best_k, best = 1, -1.0
         prefix, expected = 1.0, 0.0
@@ -222,8 +294,8 @@ class CostAwareController(StatefulController[_History]):
         drafted = min(len(confidences), self.max_length)
         rates = self.acceptance_rates(req_id)
         calibrated = self._calibration()
-        sunk = self._costs.draft_cost(drafted)
-        verify_a, verify_b = self._costs.lines()[1]
+        (draft_a, draft_b), (verify_a, verify_b) = self._request_lines(self._batch_size)
+        sunk = draft_a + draft_b * drafted if drafted else 0.0
         weight = self._conf_weight
         keep, best = 0, 1.0 / (sunk + verify_a)
         prefix, expected = 1.0, 0.0

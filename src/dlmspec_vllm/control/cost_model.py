@@ -15,13 +15,19 @@ in any time unit.
 Before any measurement, costs are in units of one plain decode step: verify(n) = 1 + s_v * n and
 draft(k) = r * (1 + s_d * k). Until a step with a draft pass is measured, the draft line is that
 prior scaled by the measured verify(0), so the two costs stay in the same unit.
+
+What a step costs depends on how many requests share it: at batch 1 a CPU or GPU step is
+memory-bound and verifying a few more tokens is nearly free, at batch 64 it is compute-bound and
+every drafted token costs about what a request's own token does. BatchCostModel therefore keeps
+one CostModel per batch-size bucket (powers of two), fitted on whole-step timings (all requests'
+draft tokens against the step's seconds), and answers for the bucket of the batch at hand.
 """
 
 from __future__ import annotations
 
 import math
 
-from dlmspec_vllm.control.base import check_float, check_int
+from dlmspec_vllm.control.base import StepTiming, check_float, check_int
 
 _RIDGE = 1.0  # prior weight on the slope: one sample one token off the mean length
 _MIN_COST = 1e-9  # keeps costs positive whatever noise the fit sees
@@ -137,3 +143,53 @@ class CostModel:
         """Cost of a target step verifying n draft tokens."""
         a, b = self.lines()[1]
         return a + b * n
+
+
+def batch_bucket(batch_size: int) -> int:
+    """The power of two at or above batch_size: the buckets costs are kept in."""
+    return 1 << (max(1, batch_size) - 1).bit_length()
+
+
+class BatchCostModel:
+    """A CostModel per batch-size bucket, each fitted on whole-step timings."""
+
+    def __init__(self, **cost_settings: float) -> None:
+        """cost_settings: CostModel's keyword settings, shared by every bucket."""
+        self._settings = cost_settings
+        self._prior = CostModel(**cost_settings)  # checks the settings once, up front
+        self._models: dict[int, CostModel] = {}
+
+    def record(self, timing: StepTiming) -> None:
+        check_int("batch_size", timing.batch_size, 1)
+        bucket = batch_bucket(timing.batch_size)
+        model = self._models.get(bucket)
+        if model is None:
+            model = self._models[bucket] = CostModel(**self._settings)
+        model.record(
+            timing.draft_seconds,
+            timing.drafted_tokens,
+            timing.verify_seconds,
+            timing.verified_tokens,
+        )
+
+    def model_for(self, batch_size: int) -> CostModel:
+        """The bucket's model; a bucket not yet measured borrows the nearest measured one (the
+        smaller on a tie), and with nothing measured the relative prior answers."""
+        if not self._models:
+            return self._prior
+        bucket = batch_bucket(batch_size)
+        return (
+            self._models.get(bucket)
+            or self._models[
+                min(self._models, key=lambda b: (abs(b.bit_length() - bucket.bit_length()), b))
+            ]
+        )
+
+    @property
+    def samples(self) -> int:
+        return sum(model.samples for model in self._models.values())
+
+    @property
+    def buckets(self) -> dict[int, CostModel]:
+        """The measured buckets by their batch size."""
+        return dict(self._models)
