@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dlmspec_vllm.drafters.base import TargetConditionedDrafter, TargetFeatures
+from dlmspec_vllm.drafters.base import StepFeatures, TargetConditionedDrafter, TargetFeatures
 from dlmspec_vllm.drafters.dflash import (
+    CONSOLIDATE_CHUNKS,
     DFlashConfig,
     DFlashDrafter,
     DFlashNetwork,
@@ -94,6 +95,32 @@ def test_incremental_context_with_rejected_drafts_equals_from_scratch(parts):
     assert block.lengths == [4]
     torch.testing.assert_close(block.logits[0], direct_logits(parts, tokens, features, 20, 4))
     assert drafter.cached_tokens == 20
+
+
+def test_a_batch_of_steps_one_token_each_equals_from_scratch(parts):
+    """Two requests observed together, a token per step for more steps than a context keeps
+    chunks, with one rejected draft's features replaced on the way."""
+    drafter = make_drafter(parts)
+    steps = CONSOLIDATE_CHUNKS + 8
+    tokens = {r: torch.randint(0, MASK, (steps + 2,)).tolist() for r in ("a", "b")}
+    features = {r: torch.randn(steps + 1, FEATURES) for r in ("a", "b")}
+    for position in range(steps + 1):
+        batch = {
+            r: TargetFeatures(torch.tensor([position]), features[r][position : position + 1])
+            for r in ("a", "b")
+        }
+        if position == 10:  # features for 10..11 that a later step replaces from 10 on
+            batch["a"] = TargetFeatures(torch.arange(10, 12), torch.randn(2, FEATURES))
+        if position == 11:
+            batch["a"] = TargetFeatures(torch.arange(10, 12), features["a"][10:12])
+        drafter.observe_step(StepFeatures.of_requests(batch))
+    block = drafter.draft(
+        [tokens["a"][: steps + 2], tokens["b"][: steps + 2]], [3, 3], req_ids=["a", "b"]
+    )
+    for row, r in enumerate(("a", "b")):
+        expected = direct_logits(parts, tokens[r], features[r], steps + 1, 3)
+        torch.testing.assert_close(block.logits[row], expected)
+    assert drafter.cached_tokens == 2 * (steps + 1)
 
 
 def test_batched_rows_of_different_context_lengths_equal_each_alone(parts):

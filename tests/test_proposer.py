@@ -152,3 +152,55 @@ def test_a_copied_draft_ends_at_its_first_eos():
     proposer, _ = make_proposer(num_speculative_tokens=4, context_lookup=True)
     # "7 8" occurred before, followed by 9, EOS, 3: nothing after the EOS is sent.
     assert step(proposer, {"a": [7, 8, 9, EOS, 3, 7, 8]}, {"a": [8]}) == [[9, EOS]]
+
+
+class Declines:
+    """A controller stand-in that never lets its source draft."""
+
+    name = "declines"
+    max_length = 4
+    num_tracked = 0
+
+    def begin_step(self, batch_size):
+        pass
+
+    def record_step(self, timing):
+        pass
+
+    def initial_lengths(self, req_ids):
+        return [0] * len(req_ids)
+
+    def forget(self, req_id):
+        pass
+
+
+def test_copied_drafts_take_their_length_from_their_own_controller():
+    proposer, drafter = make_proposer(
+        num_speculative_tokens=4, context_lookup=True, controller={"name": "fixed", "k": 2}
+    )
+    repeating = [4, 9, 11, 12, 13, 4, 9]
+    assert step(proposer, {"a": repeating}, {"a": [9]}) == [[11, 12]]
+    step(proposer, {"a": repeating + [11, 12]}, {"a": [11, 12, 13]}, scheduled={"a": 2})
+    report = proposer.report()
+    assert report["copied_controller"]["steps"] == 1
+    assert report["copied_controller"]["accepted_tokens"] == 2
+    assert report["controller"]["steps"] == 0  # the drafter's controller learned nothing
+    assert drafter.calls == []
+
+
+def test_a_copied_draft_its_controller_declines_goes_to_the_drafter():
+    proposer, drafter = make_proposer(num_speculative_tokens=4, context_lookup=True)
+    proposer._copied_source.controller = Declines()
+    assert step(proposer, {"a": [4, 9, 11, 4, 9]}, {"a": [9]}) == [[10, 11, 12, 13]]
+    assert drafter.calls == [([[4, 9, 11, 4, 9]], [4])]
+
+
+def test_the_never_drafting_setting_never_calls_the_drafter_nor_keeps_state():
+    proposer, drafter = make_proposer(
+        num_speculative_tokens=4, controller={"name": "fixed", "k": 0}
+    )
+    for i in range(5):
+        assert step(proposer, {"a": [1] * (i + 1), "b": [2]}, {"a": [1], "b": [2]}) == [[], []]
+    assert drafter.calls == []
+    assert proposer.num_tracked_requests == 0
+    assert proposer.report()["drafting_steps"] == 0

@@ -260,9 +260,10 @@ def test_step_features_keep_prompt_chunks_and_accepted_drafts_only():
         [flat, flat + 100],
         [1, 0],
     )
-    assert features["a"].positions.tolist() == [5, 6, 7]
-    assert features["a"].hidden.tolist() == [[100, 0], [101, 1], [102, 2]]
-    assert features["b"].positions.tolist() == [20, 21]
-    assert features["b"].hidden[:, 1].tolist() == [3, 4]
-    assert features["c"].positions.tolist() == [7, 8]
-    assert features["c"].hidden[:, 1].tolist() == [7, 8]
+    assert (features.req_ids, features.counts) == (["a", "b", "c"], [3, 2, 2])
+    assert features.of("a").positions.tolist() == [5, 6, 7]
+    assert features.of("a").hidden.tolist() == [[100, 0], [101, 1], [102, 2]]
+    assert features.of("b").positions.tolist() == [20, 21]
+    assert features.of("b").hidden[:, 1].tolist() == [3, 4]
+    assert features.of("c").positions.tolist() == [7, 8]
+    assert features.of("c").hidden[:, 1].tolist() == [7, 8]

@@ -53,7 +53,12 @@ def run(tiny_pair, speculative_config):
 
 def test_tensor_parallel_target_is_lossless_and_every_rank_drafts_the_same(tiny_pair):
     reference = run(tiny_pair, None)
-    spec = {"method": "dlm", "draft_model": str(tiny_pair.drafter_dir), "num_speculative_tokens": 4}
+    spec = {
+        "method": "dlm",
+        "draft_model": str(tiny_pair.drafter_dir),
+        "num_speculative_tokens": 4,
+        "draft_digest": True,
+    }
     result = run(tiny_pair, spec)
     assert result.batches[0].token_ids == reference.batches[0].token_ids
     assert result.spec_decode["num_accepted_tokens"] > 0

@@ -198,6 +198,11 @@ class DlmSpeculativeConfig(BaseModel):
         description="Copy drafts from the request's own context where its last tokens recur: "
         "true, or an object of context_lookup settings.",
     )
+    draft_digest: bool = Field(
+        default=False,
+        description="Keep a running sha256 of every draft sent, reported as drafts_digest (to "
+        "check that tensor-parallel ranks propose alike); it costs a hash per step.",
+    )
 
     @model_validator(mode="after")
     def _controller_options_fit(self) -> DlmSpeculativeConfig:

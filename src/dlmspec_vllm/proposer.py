@@ -6,9 +6,11 @@ sampled tokens are known. The runner patch in integration/ calls `begin_step` ju
 with the request id of every batch row, so per-request state survives the reordering of
 vLLM's persistent batch.
 
-Per step: read what vLLM accepted of each request's last draft and feed it to the length
-controller; ask the controller how many tokens each request drafts; run the drafter over the
-batch (again, for the requests the controller extends); send the prefix the controller keeps.
+Per step: read what vLLM accepted of each request's last draft and feed it to the controller
+of the source that drafted it, with what the step cost; then, source after source (copied from
+the context, then the drafter), ask its controller how many tokens each remaining request
+drafts; run the drafter over the batch (again, for the requests the controller extends); send
+the prefix the controller keeps. A request that drafts nothing costs a context lookup at most.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ import numpy as np
 import torch
 
 from dlmspec_vllm.config import DlmSpeculativeConfig
-from dlmspec_vllm.control import CostAwareController, LengthController
+from dlmspec_vllm.control import LengthController, StepTiming
 from dlmspec_vllm.drafters.base import (
     Drafter,
     DraftingOptions,
+    StepFeatures,
     TargetConditionedDrafter,
-    TargetFeatures,
 )
 from dlmspec_vllm.drafters.context_lookup import context_continuation
 from dlmspec_vllm.drafters.loading import load_drafter, resolve_checkpoint_dir
@@ -43,6 +45,9 @@ RECENT_STEPS = 256
 LOG_INTERVAL_SECONDS = 10.0
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The draft sources, in the order a request tries them.
+COPIED = "copied"
+DRAFTER = "drafter"
 
 
 @dataclass
@@ -51,14 +56,14 @@ class StepBatch:
 
     req_ids: the request of every batch row.
     scheduled_draft_counts: per request, how many of its drafts vLLM verified this step.
-    target_features: only for a TargetConditionedDrafter, per request with new tokens: the
-        target's hidden states at the drafter's layers for the tokens that joined its sequence
-        this step (the prompt chunk, or the last token plus the accepted drafts).
+    target_features: only for a TargetConditionedDrafter, for the requests with new tokens:
+        the target's hidden states at the drafter's layers for the tokens that joined their
+        sequences this step (a prompt chunk, or the last token plus the accepted drafts).
     """
 
     req_ids: list[str]
     scheduled_draft_counts: dict[str, int]
-    target_features: dict[str, TargetFeatures] = field(default_factory=dict)
+    target_features: StepFeatures | None = None
 
 
 @dataclass
@@ -74,8 +79,104 @@ class _Drafting:
     confidences: list[float] = field(default_factory=list)
 
 
+@dataclass
+class _RequestState:
+    """What the proposer keeps for one request between its steps."""
+
+    # The source of the draft vLLM verifies next (DRAFTER or COPIED), None if it drafted nothing.
+    source: str | None = None
+    # EOS-aware raw length of that draft (DiffuSpec's L_gen), for the controller.
+    generated: int = 0
+
+
+@dataclass
+class _Source:
+    """A draft source and the controller deciding its lengths, with this step's cost."""
+
+    name: str
+    controller: LengthController
+    seconds: float = 0.0
+    drafted_tokens: int = 0
+
+
+class ProposerStats:
+    """The proposer's counters, its recent draft lengths, its own timing and its log line."""
+
+    def __init__(self, *, draft_digest: bool) -> None:
+        self.failed_draft_steps = 0
+        self.copied_draft_steps = 0
+        self.copied_accepted_tokens = 0
+        self.steps = 0
+        self.drafting_steps = 0
+        # Seconds of propose() with drafts, and of the drafter's forward passes inside them.
+        self.drafting_step_seconds = 0.0
+        self.drafter_seconds = 0.0
+        self.recent_step_lengths: deque[dict[str, int]] = deque(maxlen=RECENT_STEPS)
+        self._digest = hashlib.sha256() if draft_digest else None
+        self._next_log = time.monotonic() + LOG_INTERVAL_SECONDS
+
+    def record_step(
+        self, req_ids: Sequence[str], drafts: list[list[int]], seconds: float, drafter: float
+    ) -> None:
+        self.steps += 1
+        sent = {req_id: len(d) for req_id, d in zip(req_ids, drafts) if d}
+        if not sent:
+            return
+        self.drafting_steps += 1
+        self.drafting_step_seconds += seconds
+        self.drafter_seconds += drafter
+        self.recent_step_lengths.append(sent)
+        if self._digest is not None:
+            self._digest.update(repr(drafts).encode())
+
+    def record_failure(self) -> None:
+        self.failed_draft_steps += 1
+        if self.failed_draft_steps == 1:
+            logger.exception("dlm drafter failed; drafting nothing this step (logged once)")
+
+    def as_dict(self) -> dict[str, Any]:
+        steps = max(1, self.drafting_steps)
+        return {
+            "failed_draft_steps": self.failed_draft_steps,
+            "copied_draft_steps": self.copied_draft_steps,
+            "copied_accepted_tokens": self.copied_accepted_tokens,
+            "steps": self.steps,
+            "drafting_steps": self.drafting_steps,
+            "drafting_step_seconds": self.drafting_step_seconds,
+            "drafter_seconds": self.drafter_seconds,
+            # What a drafting step costs the proposer beyond the drafter's own forward passes.
+            "proposer_ms_per_drafting_step": 1000
+            * (self.drafting_step_seconds - self.drafter_seconds)
+            / steps,
+            "drafter_ms_per_drafting_step": 1000 * self.drafter_seconds / steps,
+            "drafts_digest": self._digest.hexdigest() if self._digest is not None else None,
+            "recent_step_lengths": list(self.recent_step_lengths),
+        }
+
+    def log_now_and_then(self, controller: LengthController, tracked: int) -> None:
+        now = time.monotonic()
+        if now < self._next_log:
+            return
+        self._next_log = now + LOG_INTERVAL_SECONDS
+        stats = controller.stats()
+        logger.info(
+            "dlm %s controller: %d verified drafts, mean sent length %.2f, mean accepted %.2f "
+            "(acceptance %.1f%%), %d copied drafts, %d requests tracked",
+            stats.controller,
+            stats.steps,
+            stats.mean_length,
+            stats.mean_accepted,
+            100 * stats.acceptance_rate,
+            self.copied_draft_steps,
+            tracked,
+        )
+
+
 class DlmProposer:
-    """Drafts with a diffusion LM: parallel passes over [context + k masks] per step."""
+    """Drafts for every request of a step from a chain of sources: drafts copied from the
+    request's own context where its last tokens recur (optional), then the diffusion drafter.
+    Each source has its own length controller, so copied drafts are kept or shortened by their
+    own measured acceptance and the step's measured cost, like the drafter's."""
 
     def __init__(self, vllm_config: Any) -> None:
         from dlmspec_vllm.integration.speculative_config import attached_settings
@@ -91,8 +192,12 @@ class DlmProposer:
         self.eos_token_ids = _eos_ids(model_config.hf_text_config)
         self.target_tokenizer: str = model_config.tokenizer
         self.target_path: str = model_config.model
-        self.controller: LengthController = self.settings.controller.build(
-            self.settings.num_speculative_tokens
+        k = self.settings.num_speculative_tokens
+        self._drafter_source = _Source(DRAFTER, self.settings.controller.build(k))
+        self._copied_source = (
+            _Source(COPIED, self.settings.controller.build(k))
+            if self.settings.context_lookup.enabled
+            else None
         )
         self.chooser = PathChooser(
             self.settings.lattice,
@@ -100,23 +205,19 @@ class DlmProposer:
             eos_id=min(self.eos_token_ids) if self.eos_token_ids else None,
         )
         self.drafter: Drafter | None = None
+        self.stats = ProposerStats(draft_digest=self.settings.draft_digest)
         self._step: StepBatch | None = None
-        # EOS-aware raw length of each request's last draft (DiffuSpec's L_gen), read back
-        # when vLLM reports how much of that draft it accepted.
-        self._generated: dict[str, int] = {}
-        # Requests whose last draft was copied from their context: its verification says nothing
-        # about the drafter, so the controller does not learn from it.
-        self._copied_drafts: set[str] = set()
-        self.copied_draft_steps = 0
-        self.copied_accepted_tokens = 0
-        self.failed_draft_steps = 0
-        # Running digest of every draft sent, to compare what tensor-parallel ranks proposed.
-        self._drafts_digest = hashlib.sha256()
-        self.recent_step_lengths: deque[dict[str, int]] = deque(maxlen=RECENT_STEPS)
-        self._next_log = time.monotonic() + LOG_INTERVAL_SECONDS
+        self._requests: dict[str, _RequestState] = {}
         self._last_step_end: float | None = None
-        self._last_draft_seconds = 0.0
-        self._last_mean_draft = 0.0
+
+    @property
+    def controller(self) -> LengthController:
+        """The drafter's length controller."""
+        return self._drafter_source.controller
+
+    @property
+    def _sources(self) -> list[_Source]:
+        return [s for s in (self._copied_source, self._drafter_source) if s is not None]
 
     def load_model(self, target_model: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
         device = next(target_model.parameters()).device
@@ -155,23 +256,23 @@ class DlmProposer:
         self._step = step
 
     def forget_requests(self, req_ids: set[str]) -> None:
-        """Drop every per-request state of requests that finished or were preempted."""
+        """Drop every per-request state of requests that finished or were preempted: the
+        proposer's, each source's controller's, the lattice's and the drafter's."""
         for req_id in req_ids:
-            self._generated.pop(req_id, None)
-            self._copied_drafts.discard(req_id)
-            self.controller.forget(req_id)
+            self._requests.pop(req_id, None)
+            for source in self._sources:
+                source.controller.forget(req_id)
             self.chooser.forget(req_id)
             if self.drafter is not None:
                 self.drafter.forget(req_id)
 
     @property
     def num_tracked_requests(self) -> int:
-        """Requests holding per-request state here or in the controller."""
+        """Requests holding per-request state here, in a controller or in the lattice."""
         return max(
-            len(self._generated),
-            len(self._copied_drafts),
-            self.controller.num_tracked,
+            len(self._requests),
             self.chooser.num_tracked,
+            *(source.controller.num_tracked for source in self._sources),
         )
 
     def propose(
@@ -191,109 +292,137 @@ class DlmProposer:
         if self.drafter is None:
             raise RuntimeError("dlm proposer.propose called before load_model")
         started = time.perf_counter()
-        self._observe_verification(step, sampled_token_ids, started)
+        # An empty row is a request still in chunked prefill: nothing to draft after yet.
+        rooms = self.max_model_len - np.asarray(num_tokens_no_spec[: len(sampled_token_ids)])
+        decoding = [
+            row for row, sampled in enumerate(sampled_token_ids) if sampled and rooms[row] > 0
+        ]
+        verified = self._observe_verification(step, sampled_token_ids)
+        self._record_costs(len(decoding), verified, started)
+        for source in self._sources:
+            source.controller.begin_step(len(decoding))
+            source.seconds, source.drafted_tokens = 0.0, 0
 
-        pending = []
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
-        lookup = self.settings.context_lookup
-        for row, sampled in enumerate(sampled_token_ids):
-            num_tokens = int(num_tokens_no_spec[row])
-            room = self.max_model_len - num_tokens
-            # An empty row is a request still in chunked prefill: nothing to draft after yet.
-            if not sampled or room <= 0:
-                continue
-            req_id = step.req_ids[row]
-            if lookup.enabled:
-                copied = context_continuation(
-                    token_ids_cpu[row, :num_tokens],
-                    min(self.settings.num_speculative_tokens, room),
-                    min_ngram=lookup.min_ngram,
-                    max_ngram=lookup.max_ngram,
-                )
-                if copied:
-                    drafts[row] = copied[: _length_before_eos(copied, self.eos_token_ids) + 1]
-                    self._copied_drafts.add(req_id)
-                    continue
-            length = min(self.controller.initial_length(req_id), room)
-            if length > 0:
-                context = token_ids_cpu[row, :num_tokens].tolist()
-                self.chooser.observe_context(req_id, context)
-                pending.append(_Drafting(row, req_id, context, room, length))
-
-        try:
-            self._hand_over_target_features(step)
-            self._draft_in_passes(pending)
-        except Exception:
-            # A failed draft must not fail the requests: this step simply has no drafts.
-            self._report_draft_failure()
-            pending = []
-        for request in pending:
-            self._generated[request.req_id] = _length_before_eos(request.tokens, self.eos_token_ids)
-            keep = self.controller.clip(request.req_id, request.confidences)
-            drafts[request.row] = request.tokens[:keep]
-
-        sent = {step.req_ids[row]: len(draft) for row, draft in enumerate(drafts) if draft}
-        sent |= {r.req_id: len(drafts[r.row]) for r in pending}
-        if sent:
-            self.recent_step_lengths.append(sent)
-            self._drafts_digest.update(repr(drafts).encode())
-        self._log_summary_now_and_then()
-        finished = time.perf_counter()
-        self._last_draft_seconds = finished - started
-        self._last_mean_draft = (
-            sum(len(drafts[r.row]) for r in pending) / len(pending) if pending else 0.0
+        rows = self._copy_from_context(decoding, step, num_tokens_no_spec, token_ids_cpu, drafts)
+        drafter_seconds = self._draft_with_drafter(
+            rows, step, num_tokens_no_spec, token_ids_cpu, rooms, drafts
         )
+
+        finished = time.perf_counter()
+        self.stats.record_step(step.req_ids, drafts, finished - started, drafter_seconds)
+        self.stats.log_now_and_then(self.controller, self.num_tracked_requests)
         self._last_step_end = finished
         return drafts
+
+    def _state(self, req_id: str) -> _RequestState:
+        state = self._requests.get(req_id)
+        if state is None:
+            state = self._requests[req_id] = _RequestState()
+        return state
+
+    def _copy_from_context(
+        self,
+        rows: list[int],
+        step: StepBatch,
+        num_tokens_no_spec: np.ndarray,
+        token_ids_cpu: np.ndarray,
+        drafts: list[list[int]],
+    ) -> list[int]:
+        """Drafts copied where a request's last tokens recur in its context, as long as their
+        controller keeps them; the rows left for the drafter."""
+        source = self._copied_source
+        if source is None or not rows:
+            return rows
+        started = time.perf_counter()
+        lookup = self.settings.context_lookup
+        found: dict[int, list[int]] = {}
+        for row in rows:
+            num_tokens = int(num_tokens_no_spec[row])
+            copied = context_continuation(
+                token_ids_cpu[row, :num_tokens],
+                min(self.settings.num_speculative_tokens, self.max_model_len - num_tokens),
+                min_ngram=lookup.min_ngram,
+                max_ngram=lookup.max_ngram,
+            )
+            if copied:
+                found[row] = copied[: _length_before_eos(copied, self.eos_token_ids) + 1]
+        lengths = source.controller.initial_lengths([step.req_ids[row] for row in found])
+        for (row, copied), length in zip(found.items(), lengths):
+            if length > 0:
+                drafts[row] = copied[:length]
+                state = self._state(step.req_ids[row])
+                state.source, state.generated = COPIED, len(copied[:length])
+                source.drafted_tokens += len(drafts[row])
+        source.seconds = time.perf_counter() - started
+        return [row for row in rows if not drafts[row]]
+
+    def _draft_with_drafter(
+        self,
+        rows: list[int],
+        step: StepBatch,
+        num_tokens_no_spec: np.ndarray,
+        token_ids_cpu: np.ndarray,
+        rooms: np.ndarray,
+        drafts: list[list[int]],
+    ) -> float:
+        """The drafter's drafts for the rows its controller gives a length; the seconds its
+        forward passes took."""
+        source = self._drafter_source
+        started = time.perf_counter()
+        req_ids = [step.req_ids[row] for row in rows]
+        lengths = source.controller.initial_lengths(req_ids)
+        pending = []
+        for row, req_id, length in zip(rows, req_ids, lengths):
+            length = min(length, int(rooms[row]))
+            if length > 0:
+                context = token_ids_cpu[row, : int(num_tokens_no_spec[row])].tolist()
+                self.chooser.observe_context(req_id, context)
+                pending.append(_Drafting(row, req_id, context, int(rooms[row]), length))
+        drafter_seconds = 0.0
+        try:
+            self._hand_over_target_features(step)
+            if pending:
+                drafter_seconds = self._draft_in_passes(pending)
+        except Exception:
+            # A failed draft must not fail the requests: this step simply has no drafts.
+            self.stats.record_failure()
+            pending = []
+        for request in pending:
+            keep = source.controller.clip(request.req_id, request.confidences)
+            drafts[request.row] = request.tokens[:keep]
+            state = self._state(request.req_id)
+            state.source = DRAFTER if keep else None
+            state.generated = _length_before_eos(request.tokens, self.eos_token_ids)
+            source.drafted_tokens += keep
+        source.seconds = time.perf_counter() - started
+        return drafter_seconds
 
     def _hand_over_target_features(self, step: StepBatch) -> None:
         """Before drafting, the drafter learns what the target computed for every request in
         the batch this step (also those that draft nothing now, e.g. mid-prefill)."""
-        if not step.target_features:
-            return
-        drafter = cast(TargetConditionedDrafter, self.drafter)
-        for req_id, features in step.target_features.items():
-            drafter.observe(req_id, features)
-
-    def _report_draft_failure(self) -> None:
-        self.failed_draft_steps += 1
-        if self.failed_draft_steps == 1:
-            logger.exception("dlm drafter failed; drafting nothing this step (logged once)")
+        if step.target_features is not None:
+            cast(TargetConditionedDrafter, self.drafter).observe_step(step.target_features)
 
     def report(self) -> dict[str, Any]:
-        """Controller totals, per-request state size and recent per-step draft lengths."""
-        return {
+        """Controller totals, per-request state size, counters, timing and recent lengths."""
+        report = {
             "controller": self.controller.stats().as_dict(),
             "num_tracked_requests": self.num_tracked_requests,
-            "failed_draft_steps": self.failed_draft_steps,
-            "copied_draft_steps": self.copied_draft_steps,
-            "copied_accepted_tokens": self.copied_accepted_tokens,
-            "drafts_digest": self._drafts_digest.hexdigest(),
-            "recent_step_lengths": list(self.recent_step_lengths),
+            **self.stats.as_dict(),
         }
+        if self._copied_source is not None:
+            report["copied_controller"] = self._copied_source.controller.stats().as_dict()
+        return report
 
-    def _log_summary_now_and_then(self) -> None:
-        now = time.monotonic()
-        if now < self._next_log:
-            return
-        self._next_log = now + LOG_INTERVAL_SECONDS
-        stats = self.controller.stats()
-        logger.info(
-            "dlm %s controller: %d verified drafts, mean sent length %.2f, mean accepted %.2f "
-            "(acceptance %.1f%%), %d requests tracked",
-            stats.controller,
-            stats.steps,
-            stats.mean_length,
-            stats.mean_accepted,
-            100 * stats.acceptance_rate,
-            self.num_tracked_requests,
-        )
-
-    def _draft_in_passes(self, pending: list[_Drafting]) -> None:
+    def _draft_in_passes(self, pending: list[_Drafting]) -> float:
         """First pass for every request, then further passes for those the controller extends;
-        a further pass drafts after the tokens already drafted, it does not start over."""
+        a further pass drafts after the tokens already drafted, it does not start over. Returns
+        the seconds the drafter's forward passes took."""
         assert self.drafter is not None
+        controller = self.controller
         active = pending
+        forward_seconds = 0.0
         while active:
             histories = [r.context + r.tokens for r in active]
             # A target-conditioned drafter places its block by absolute position, and its
@@ -303,11 +432,13 @@ class DlmProposer:
                 if isinstance(self.drafter, TargetConditionedDrafter)
                 else _clip_contexts(histories, self.settings)
             )
+            forward_started = time.perf_counter()
             block = self.drafter.draft(
                 clipped,
                 [r.next_length for r in active],
                 req_ids=[r.req_id for r in active],
             )
+            forward_seconds += time.perf_counter() - forward_started
             paths = self.chooser.choose(block, histories, [r.req_id for r in active])
             extended = []
             for request, tokens, confidences in zip(active, paths, block.confidences()):
@@ -318,45 +449,54 @@ class DlmProposer:
                     continue
                 if len(tokens) < request.next_length:
                     continue  # the drafter gave less than asked (a bridge may): do not extend
-                more = self.controller.extension(request.req_id, request.confidences)
+                more = controller.extension(request.req_id, request.confidences)
                 more = min(more, request.room - len(request.tokens))
                 if more > 0:
                     request.next_length = more
                     extended.append(request)
             active = extended
+        return forward_seconds
 
-    def _observe_verification(
-        self, step: StepBatch, sampled_token_ids: list[list[int]], now: float
-    ) -> None:
-        """vLLM accepted len(sampled) - 1 of the tokens it scheduled from a request's draft."""
-        verified = []
+    def _observe_verification(self, step: StepBatch, sampled_token_ids: list[list[int]]) -> int:
+        """vLLM accepted len(sampled) - 1 of the tokens it scheduled from a request's draft;
+        each source's controller learns from its own drafts. Returns the draft tokens vLLM
+        verified in all."""
+        verified = 0
         for req_id, sampled in zip(step.req_ids, sampled_token_ids):
-            copied = req_id in self._copied_drafts
-            self._copied_drafts.discard(req_id)
-            scheduled = min(step.scheduled_draft_counts.get(req_id, 0), self.controller.max_length)
+            state = self._requests.get(req_id)
+            if state is None or state.source is None:
+                continue
+            source = self._copied_source if state.source == COPIED else self._drafter_source
+            state.source = None
+            assert source is not None
+            scheduled = min(
+                step.scheduled_draft_counts.get(req_id, 0), source.controller.max_length
+            )
             if not scheduled or not sampled:
                 continue
             accepted = min(len(sampled) - 1, scheduled)
-            if copied:
-                self.copied_draft_steps += 1
-                self.copied_accepted_tokens += accepted
-                continue
-            generated = self._generated.pop(req_id, scheduled)
-            self.controller.observe(req_id, scheduled, accepted, generated)
-            verified.append(scheduled)
-        if (
-            isinstance(self.controller, CostAwareController)
-            and verified
-            and self._last_step_end is not None
-        ):
-            # The engine step between two proposals is the verification of the last drafts
-            # (plus scheduling); at batch > 1 each request is charged an equal share.
-            batch = len(verified)
-            self.controller.record_costs(
-                draft_seconds=self._last_draft_seconds / batch,
-                draft_len=round(self._last_mean_draft),
-                verify_seconds=(now - self._last_step_end) / batch,
-                verify_tokens=round(1 + sum(verified) / batch),
+            if source is self._copied_source:
+                self.stats.copied_draft_steps += 1
+                self.stats.copied_accepted_tokens += accepted
+            source.controller.observe(req_id, scheduled, accepted, state.generated)
+            verified += scheduled
+        return verified
+
+    def _record_costs(self, batch_size: int, verified: int, now: float) -> None:
+        """The engine step between two proposals is the verification of the last drafts (plus
+        scheduling and sampling); every source's controller learns it, with its own share of
+        the last proposer call."""
+        if self._last_step_end is None or batch_size == 0:
+            return
+        for source in self._sources:
+            source.controller.record_step(
+                StepTiming(
+                    batch_size=batch_size,
+                    verify_seconds=now - self._last_step_end,
+                    verified_tokens=verified,
+                    draft_seconds=source.seconds,
+                    drafted_tokens=source.drafted_tokens,
+                )
             )
 
 

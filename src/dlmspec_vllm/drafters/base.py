@@ -8,7 +8,7 @@ position. Ids the target cannot emit are never part of the returned logits.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -26,15 +26,31 @@ class DraftBlock:
 
     logits: torch.Tensor
     lengths: list[int]
+    _top: tuple[list[list[int]], list[list[float]]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def argmax_tokens(self) -> list[list[int]]:
-        best = self.logits.argmax(dim=-1).tolist()
-        return [row[:n] for row, n in zip(best, self.lengths)]
+        return self._top_tokens_and_confidences()[0]
 
     def confidences(self) -> list[list[float]]:
         """Probability the drafter gives its own top token, per drafted position."""
-        top = torch.softmax(self.logits.float(), dim=-1).amax(dim=-1).tolist()
-        return [row[:n] for row, n in zip(top, self.lengths)]
+        return self._top_tokens_and_confidences()[1]
+
+    def _top_tokens_and_confidences(self) -> tuple[list[list[int]], list[list[float]]]:
+        """Both at once, with one transfer to the host: the top logit's exp over the sum of
+        all (logsumexp, no softmax over the vocabulary materialised)."""
+        if self._top is None:
+            logits = self.logits.float()
+            best, tokens = logits.max(dim=-1)
+            confidence = torch.exp(best - torch.logsumexp(logits, dim=-1))
+            # float64 holds every token id exactly, so one tensor carries both to the host.
+            rows = torch.stack((tokens.double(), confidence.double())).cpu().tolist()
+            self._top = (
+                [[int(t) for t in row[:n]] for row, n in zip(rows[0], self.lengths)],
+                [row[:n] for row, n in zip(rows[1], self.lengths)],
+            )
+        return self._top
 
 
 @dataclass(frozen=True)
@@ -94,6 +110,43 @@ class TargetFeatures:
     hidden: torch.Tensor
 
 
+@dataclass
+class StepFeatures:
+    """TargetFeatures of every request of one engine step, as one batch: the runner gathers
+    them with one index per layer, and a drafter takes them in with one projection.
+
+    req_ids: the requests with new tokens this step; counts[i] of the flat rows are req_ids[i]'s,
+        request after request in this order.
+    positions: [total] int64 on the CPU, increasing within each request.
+    hidden: [total, features] where the target computed them.
+    """
+
+    req_ids: list[str]
+    counts: list[int]
+    positions: torch.Tensor
+    hidden: torch.Tensor
+
+    @classmethod
+    def of_requests(cls, features: dict[str, TargetFeatures]) -> StepFeatures:
+        """One step's batch from per-request features (callers that hold them so)."""
+        items = [(r, f) for r, f in features.items() if f.positions.numel()]
+        return cls(
+            req_ids=[r for r, _ in items],
+            counts=[f.positions.numel() for _, f in items],
+            positions=torch.cat([f.positions.flatten() for _, f in items])
+            if items
+            else torch.zeros(0, dtype=torch.long),
+            hidden=torch.cat([f.hidden for _, f in items]) if items else torch.zeros(0, 0),
+        )
+
+    def of(self, req_id: str) -> TargetFeatures:
+        """One request's rows (a view)."""
+        i = self.req_ids.index(req_id)
+        start = sum(self.counts[:i])
+        end = start + self.counts[i]
+        return TargetFeatures(self.positions[start:end], self.hidden[start:end])
+
+
 class Drafter(Protocol):
     """A diffusion LM that drafts a block of tokens for each request in one call."""
 
@@ -124,13 +177,15 @@ class TargetConditionedDrafter(Drafter, Protocol):
     """A drafter that also reads the target's hidden states (DFlash-style).
 
     target_layer_ids: which target layers' outputs it reads, DFlash's numbering (0 is the
-        output of the first decoder layer). The proposer asks vLLM for them and hands every
-        request's new ones to ``observe`` before each draft step.
+        output of the first decoder layer). The proposer asks vLLM for them and hands each
+        step's new ones, for the whole batch, to ``observe_step`` before drafting.
     """
 
     target_layer_ids: tuple[int, ...]
 
-    def observe(self, req_id: str, features: TargetFeatures) -> None:
-        """Record the target's hidden states for tokens now part of the request's sequence;
-        features at positions it already holds replace the old ones (a rejected draft's)."""
+    def observe_step(self, features: StepFeatures) -> None:
+        """Record the target's hidden states for tokens now part of each request's sequence;
+        features at positions a request already holds replace the old ones (a rejected
+        draft's). Called every step for every request with new tokens, drafting or not, so it
+        must cost little per request."""
         ...

@@ -18,9 +18,12 @@ subset of the target's vocabulary so that the LM head reads far fewer bytes per 
 the full head of a 49k-token vocabulary costs more than the drafter's layers.
 
 Per request the drafter keeps the keys/values of the context features it has been shown
-(``observe``), each at its absolute position, so a step computes keys/values only for the tokens
-vLLM just accepted. Features at a position it already holds replace the old ones and everything
-after them: those belonged to a draft the target rejected.
+(``observe_step``), each at its absolute position, so a step computes keys/values only for the
+tokens vLLM just accepted, for the whole batch in one projection. A request's keys/values are
+kept as the chunks of the steps that brought them (views into that step's projection) and joined
+only when it drafts or has gathered CONSOLIDATE_CHUNKS of them, so a request that does not draft
+costs a few tensor views per step. Features at a position it already holds replace the old ones
+and everything after them: those belonged to a draft the target rejected.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from dlmspec_vllm.drafters.base import DraftBlock, DraftingOptions, TargetFeatures
+from dlmspec_vllm.drafters.base import DraftBlock, DraftingOptions, StepFeatures, TargetFeatures
 from dlmspec_vllm.drafters.loading import (
     DrafterLoadError,
     read_config,
@@ -50,6 +53,9 @@ from dlmspec_vllm.drafters.transformer import RMSNorm, RotaryEmbedding, apply_ro
 
 ARCHITECTURE = "DFlashDraftModel"
 DRAFT_TO_TARGET = "d2t"
+# A request's context chunks are joined once it holds this many: a chunk is a view that keeps
+# its whole step's projection alive, so the count bounds what a request pins.
+CONSOLIDATE_CHUNKS = 16
 
 
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> tuple[int, ...]:
@@ -244,11 +250,52 @@ class DFlashNetwork(nn.Module):
         return self.norm(x)
 
 
-@dataclass
 class _RequestContext:
-    positions: torch.Tensor  # [n] int64, increasing
-    keys: list[torch.Tensor]  # per layer [kv_heads, n, head_dim]
-    values: list[torch.Tensor]
+    """One request's context keys/values: chunks of increasing positions, joined on demand."""
+
+    __slots__ = ("positions", "keys", "values", "length", "last")
+
+    def __init__(self, layers: int) -> None:
+        self.positions: list[torch.Tensor] = []  # chunks of [n] int64
+        self.keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]  # [kv_heads, n, dim]
+        self.values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+        self.length = 0
+        self.last = -1  # the highest position held
+
+    def append(
+        self,
+        positions: torch.Tensor,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        last: int,
+    ) -> None:
+        self.positions.append(positions)
+        for held, new in zip(self.keys, keys):
+            held.append(new)
+        for held, new in zip(self.values, values):
+            held.append(new)
+        self.length += positions.numel()
+        self.last = last
+        if len(self.positions) >= CONSOLIDATE_CHUNKS:
+            self.joined()
+
+    def joined(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Positions, and per layer keys and values, as single tensors."""
+        if len(self.positions) != 1:
+            self.positions = [torch.cat(self.positions)]
+            self.keys = [[torch.cat(chunks, 1)] for chunks in self.keys]
+            self.values = [[torch.cat(chunks, 1)] for chunks in self.values]
+        return self.positions[0], [k[0] for k in self.keys], [v[0] for v in self.values]
+
+    def keep(self, count: int, *, last: bool = False) -> None:
+        """Keep the first (or, with last, the most recent) count positions."""
+        positions, keys, values = self.joined()
+        cut = slice(-count, None) if last and count else slice(0, count)
+        self.positions = [positions[cut]]
+        self.keys = [[k[:, cut]] for k in keys]
+        self.values = [[v[:, cut]] for v in values]
+        self.length = self.positions[0].numel()
+        self.last = int(self.positions[0][-1]) if self.length else -1
 
 
 class DFlashDrafter:
@@ -354,47 +401,66 @@ class DFlashDrafter:
     def cached_tokens(self) -> int:
         return self._cached_tokens
 
-    @torch.inference_mode()
     def observe(self, req_id: str, features: TargetFeatures) -> None:
-        positions = features.positions.to(device=self.device, dtype=torch.long).flatten()
-        if positions.numel() == 0:
+        """observe_step for one request."""
+        self.observe_step(StepFeatures.of_requests({req_id: features}))
+
+    @torch.inference_mode()
+    def observe_step(self, features: StepFeatures) -> None:
+        total = int(features.positions.numel())
+        if total == 0:
             return
-        hidden = features.hidden.to(device=self.device, dtype=self.dtype)
         expected = self.network.fc.in_features
-        if hidden.shape != (positions.numel(), expected):
+        if features.hidden.shape != (total, expected):
             raise ValueError(
-                f"target features of shape {tuple(hidden.shape)} for {positions.numel()} "
+                f"target features of shape {tuple(features.hidden.shape)} for {total} "
                 f"positions; this drafter reads {expected} values per position "
                 f"(layers {list(self.target_layer_ids)})"
             )
-        layer_kv = self.network.context_keys_values(hidden[None], positions[None])
-        new_keys = [k[0] for k, _ in layer_kv]
-        new_values = [v[0] for _, v in layer_kv]
-        old = self._contexts.pop(req_id, None)
-        if old is not None:
-            self._cached_tokens -= old.positions.numel()
-            keep = int((old.positions < positions[0]).sum())
-            positions = torch.cat((old.positions[:keep], positions))
-            new_keys = [torch.cat((k[:, :keep], n), 1) for k, n in zip(old.keys, new_keys)]
-            new_values = [torch.cat((v[:, :keep], n), 1) for v, n in zip(old.values, new_values)]
         if not self.options.cache_enabled:
             return
+        positions = features.positions.to(device=self.device, dtype=torch.long).flatten()
+        hidden = features.hidden.to(device=self.device, dtype=self.dtype)
+        layer_kv = self.network.context_keys_values(hidden[None], positions[None])
+        keys = [k[0] for k, _ in layer_kv]
+        values = [v[0] for _, v in layer_kv]
+        ends = torch.tensor(features.counts).cumsum(0)
+        bounds = features.positions.flatten().cpu()
+        firsts = bounds[ends - torch.tensor(features.counts)].tolist()
+        lasts = bounds[ends - 1].tolist()
         limit = self.options.cache_max_tokens
-        if positions.numel() > limit:
-            # Only the most recent context fits the budget: attend to that window.
-            positions = positions[-limit:]
-            new_keys = [k[:, -limit:] for k in new_keys]
-            new_values = [v[:, -limit:] for v in new_values]
-        while self._cached_tokens + positions.numel() > limit and self._contexts:
-            _, evicted = self._contexts.popitem(last=False)
-            self._cached_tokens -= evicted.positions.numel()
-        self._contexts[req_id] = _RequestContext(positions, new_keys, new_values)
-        self._cached_tokens += positions.numel()
+        layers = self.config.num_hidden_layers
+        start = 0
+        for req_id, count, first, last in zip(features.req_ids, features.counts, firsts, lasts):
+            end = start + count
+            entry = self._contexts.pop(req_id, None)
+            if entry is None:
+                entry = _RequestContext(layers)
+            else:
+                self._cached_tokens -= entry.length
+                if first <= entry.last:
+                    held = entry.joined()[0]
+                    entry.keep(int((held < first).sum()))
+            entry.append(
+                positions[start:end],
+                [k[:, start:end] for k in keys],
+                [v[:, start:end] for v in values],
+                last,
+            )
+            start = end
+            if entry.length > limit:
+                # Only the most recent context fits the budget: attend to that window.
+                entry.keep(limit, last=True)
+            while self._cached_tokens + entry.length > limit and self._contexts:
+                _, evicted = self._contexts.popitem(last=False)
+                self._cached_tokens -= evicted.length
+            self._contexts[req_id] = entry
+            self._cached_tokens += entry.length
 
     def forget(self, req_id: str) -> None:
         entry = self._contexts.pop(req_id, None)
         if entry is not None:
-            self._cached_tokens -= entry.positions.numel()
+            self._cached_tokens -= entry.length
 
     @torch.inference_mode()
     def draft(
@@ -455,8 +521,9 @@ class DFlashDrafter:
                 start = known_until  # no features: the block starts at the last token alone
                 keep = 0
             else:
-                keep = int((entry.positions < known_until).sum())
-                start = int(entry.positions[keep - 1]) + 1 if keep else known_until
+                held = entry.joined()[0]
+                keep = int((held < known_until).sum())
+                start = int(held[keep - 1]) + 1 if keep else known_until
                 # Tokens drafted since the features end join the block, but at most half of
                 # it: the rest must stay masks for a pass to draft anything worth its cost.
                 start = max(start, len(context) - block_size // 2)
@@ -499,9 +566,11 @@ class DFlashDrafter:
             ids[row, : len(known)] = torch.tensor(known, dtype=torch.long)
             positions[row] = torch.arange(start, start + block_size)
             mask[row, :, :keep] = True
-            for layer in range(layers if keep else 0):
-                keys[layer][row, :, :keep] = entry.keys[layer][:, :keep]
-                values[layer][row, :, :keep] = entry.values[layer][:, :keep]
+            if keep:
+                _, held_keys, held_values = entry.joined()
+                for layer in range(layers):
+                    keys[layer][row, :, :keep] = held_keys[layer][:, :keep]
+                    values[layer][row, :, :keep] = held_values[layer][:, :keep]
         embeds = F.embedding(ids.to(self.device), self.embed_weight)
         return self.network.block_hidden(
             embeds, positions.to(self.device), list(zip(keys, values)), mask.to(self.device)

@@ -11,8 +11,8 @@ from `execute_model`.
 A drafter that reads the target's hidden states (`TargetConditionedDrafter`) gets them the way
 vLLM's eagle3/dflash proposers do: once the models are loaded, the target is asked for its
 auxiliary hidden states at the drafter's layers (`set_aux_hidden_state_layers`), and every draft
-step hands the proposer, per request, the states of the tokens that became part of its sequence
-in that step (`target_features_of_step`).
+step hands the proposer, as one batch, the states of the tokens that became part of each
+request's sequence in that step (`target_features_of_step`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from vllm.model_executor.models.interfaces import supports_eagle3
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from dlmspec_vllm.drafters.base import TargetFeatures
+from dlmspec_vllm.drafters.base import StepFeatures
 from dlmspec_vllm.integration.patching import MethodPatch
 from dlmspec_vllm.proposer import DlmProposer, StepBatch
 
@@ -95,8 +95,9 @@ def target_features_of_step(
     num_computed_tokens: np.ndarray,
     aux_hidden_states: Sequence[torch.Tensor],
     order: Sequence[int],
-) -> dict[str, TargetFeatures]:
-    """Per request, the target's states for the tokens that joined its sequence this step.
+) -> StepFeatures | None:
+    """The target's states for the tokens that joined each request's sequence this step, for
+    the whole batch in one tensor (None if no request has any).
 
     The step's tokens are laid out request after request, in batch-row order, each request's
     starting at its position num_computed_tokens[row]. A request keeps all of its scheduled
@@ -114,19 +115,20 @@ def target_features_of_step(
     keep = scheduled - drafts + accepted
     total = int(keep.sum())
     if total == 0:
-        return {}
+        return None
     owner = np.repeat(np.arange(rows), keep)
     offset = np.arange(total) - np.repeat(np.cumsum(keep) - keep, keep)
     flat = (np.cumsum(scheduled) - scheduled)[owner] + offset
     positions = torch.from_numpy(num_computed_tokens[:rows].astype(np.int64)[owner] + offset)
     index = torch.from_numpy(flat).to(aux_hidden_states[0].device, non_blocking=True)
     hidden = torch.cat([aux_hidden_states[j].index_select(0, index) for j in order], dim=-1)
-    counts = keep.tolist()
-    return {
-        req_id: TargetFeatures(p, h)
-        for req_id, n, p, h in zip(req_ids, counts, positions.split(counts), hidden.split(counts))
-        if n
-    }
+    has_new = keep > 0
+    return StepFeatures(
+        req_ids=[r for r, new in zip(req_ids, has_new) if new],
+        counts=keep[has_new].tolist(),
+        positions=positions,
+        hidden=hidden,
+    )
 
 
 class GPUModelRunnerPatch(MethodPatch):
@@ -203,7 +205,7 @@ class GPUModelRunnerPatch(MethodPatch):
                 for req_id, tokens in scheduler_output.scheduled_spec_decode_tokens.items()
             }
             plan: TargetLayerPlan | None = getattr(self, PLAN_ATTRIBUTE, None)
-            features = {}
+            features = None
             if plan is not None and aux_hidden_states is not None:
                 features = target_features_of_step(
                     req_ids,
