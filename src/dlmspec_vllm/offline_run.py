@@ -62,6 +62,8 @@ class BatchResult(BaseModel):
     generated_tokens: int
     # vLLM's per-request spec-decode metrics, when the engine was asked for them.
     spec_decode_per_request: list[dict[str, Any] | None] = Field(default_factory=list)
+    # With report_proposer: each worker's proposer report right after this batch (cumulative).
+    proposers: list[dict[str, Any] | None] = Field(default_factory=list)
 
 
 class EngineResult(BaseModel):
@@ -110,6 +112,7 @@ def run_job(job: EngineJob) -> EngineResult:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - t0
         token_ids = [list(o.outputs[0].token_ids) for o in outputs]
+        reports = _proposer_reports(llm) if job.report_proposer else []
         results.append(
             BatchResult(
                 token_ids=token_ids,
@@ -120,20 +123,14 @@ def run_job(job: EngineJob) -> EngineResult:
                     m.to_dict() if (m := o.outputs[0].spec_decode_metrics) else None
                     for o in outputs
                 ],
+                proposers=reports,
             )
         )
     after = _spec_decode_counters(llm)
     counters = {name: after[0].get(name, 0.0) - before[0].get(name, 0.0) for name in after[0]}
     earlier = before[1] + [0.0] * (len(after[1]) - len(before[1]))
     per_position = [a - b for a, b in zip(after[1], earlier)]
-    proposers = []
-    if job.report_proposer:
-        from dlmspec_vllm.integration.inspection import proposer_report
-
-        # vLLM announces finished requests to its workers in the engine step after they end;
-        # a server loop always runs it, `LLM.generate` returns before it, so run it here.
-        llm.llm_engine.step()
-        proposers = llm.collective_rpc(proposer_report)
+    proposers = results[-1].proposers if results else []
     return EngineResult(
         batches=results,
         spec_decode=counters,
@@ -141,6 +138,15 @@ def run_job(job: EngineJob) -> EngineResult:
         startup_seconds=startup,
         proposers=proposers,
     )
+
+
+def _proposer_reports(llm: Any) -> list[dict[str, Any] | None]:
+    from dlmspec_vllm.integration.inspection import proposer_report
+
+    # vLLM announces finished requests to its workers in the engine step after they end;
+    # a server loop always runs it, `LLM.generate` returns before it, so run it here.
+    llm.llm_engine.step()
+    return llm.collective_rpc(proposer_report)
 
 
 def _spec_decode_counters(llm: Any) -> tuple[dict[str, float], list[float]]:
