@@ -204,3 +204,18 @@ def test_the_never_drafting_setting_never_calls_the_drafter_nor_keeps_state():
     assert drafter.calls == []
     assert proposer.num_tracked_requests == 0
     assert proposer.report()["drafting_steps"] == 0
+
+
+def test_only_steps_that_continue_a_request_are_timed_for_the_controllers():
+    proposer, _ = make_proposer(num_speculative_tokens=3, controller="cost_aware")
+    samples = proposer.controller.costs
+    step(proposer, {"a": [1]}, {"a": [1]})
+    assert samples.samples == 0  # nothing ran before: no step to time
+    step(proposer, {"a": [1, 2]}, {"a": [2]})
+    assert samples.samples == 1
+    proposer.forget_requests({"a"})
+    # An engine that was idle between "a" and "b": that gap is no step's cost.
+    step(proposer, {"b": [5]}, {"b": [5]})
+    assert samples.samples == 1
+    step(proposer, {"b": [5, 6]}, {"b": [6]})
+    assert samples.samples == 2

@@ -33,7 +33,9 @@ FAULT_MESSAGE = "injected drafter fault for the serving tests"
 MAX_MODEL_LEN = 256
 DRAFTER_WINDOW = 64
 K = 8
-SERVER_ARGS = ["--num-gpu-blocks-override", "8"]  # vLLM's CPU KV blocks hold 128 tokens each
+# vLLM's CPU KV blocks hold 128 tokens each. The server logs "Added request <id>." once a
+# request is on its way to the engine core (test_preemption_... waits for those lines).
+SERVER_ARGS = ["--num-gpu-blocks-override", "8", "--enable-log-requests"]
 
 
 def small_window_drafter(drafter_dir: Path, out: Path, window: int) -> Path:
@@ -142,11 +144,65 @@ def test_request_reaching_max_model_len_during_a_draft(servers, room):
     assert_idle(dlm)
 
 
+def greedy_batch(server: OpenAIServer, prompts: list, max_tokens: int) -> list[dict]:
+    """One /v1/completions request for all `prompts` (ignore_eos); their choices in order."""
+    body = {"prompt": prompts, "temperature": 0, "return_token_ids": True, "ignore_eos": True}
+    reply = server.complete(timeout=300, **body, max_tokens=max_tokens)
+    assert reply.status_code == 200, reply.text
+    choices = sorted(reply.json()["choices"], key=lambda choice: choice["index"])
+    assert [choice["index"] for choice in choices] == list(range(len(prompts)))
+    return choices
+
+
+ADDED = "Added request "  # what vLLM's AsyncLLM logs once it has sent a request to its engine
+
+
+def resume_when_queued(server: OpenAIServer, logged: int, count: int, timeout=60.0) -> int:
+    """Wait until the server has logged `count` more added requests than `logged`, then resume
+    its paused engine (whatever happened); the number of added requests seen."""
+    deadline = time.monotonic() + timeout
+    try:
+        while (added := server.log().count(ADDED) - logged) < count:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        return added
+    finally:
+        requests.post(f"{server.base}/resume", timeout=30).raise_for_status()
+
+
+PREEMPTION_PROMPT = 100  # tokens: under one KV block, and more than one with 48 tokens out
+
+
 def test_preemption_under_a_small_kv_cache_keeps_greedy_output(servers):
+    """16 greedy requests under the 8-block KV cache, certain to preempt, whatever the timing.
+
+    The dlm engine is paused (vLLM's dev route /pause, mode "keep": requests queue, none is
+    scheduled) while one request of 16 prompts is sent, and resumed only once the server has
+    logged all 16 as sent to the engine core; the resume goes down the same ordered socket,
+    so the engine's first step after it sees all 16 waiting. That step admits them in order,
+    each with one block (100 prompt tokens and no lookahead slots for a custom_class proposer;
+    K + 1 would fit too), until no block is free: the token budget (2048) holds all 16
+    prompts, so blocks run out first and the rest wait. From then on no block is freed until a
+    request ends or is preempted, and none can end without a second block (its 48 tokens need
+    KV for 100 + 47 > 128 positions): the first request to need one finds none free, and vLLM
+    preempts."""
     dlm, base = servers
     before = metric(dlm, "vllm:num_preemptions_total")
-    prompts = [long_text(600)[i * 20 :] for i in range(16)]
-    results = run_all([(greedy, (dlm, prompt, True, 48)) for prompt in prompts])
+    context = tokens(dlm, long_text(2000))
+    prompts = [context[i * 16 : i * 16 + PREEMPTION_PROMPT] for i in range(16)]
+    assert {len(prompt) for prompt in prompts} == {PREEMPTION_PROMPT}
+    logged = dlm.log().count(ADDED)
+    pause = {"mode": "keep", "clear_cache": "false"}
+    requests.post(f"{dlm.base}/pause", params=pause, timeout=30).raise_for_status()
+    results, added = run_all(
+        [
+            (greedy_batch, (dlm, prompts, 48)),
+            (resume_when_queued, (dlm, logged, len(prompts))),
+        ]
+    )
+    assert results is not None, "the request of 16 prompts failed (its error is above)"
+    assert added == len(prompts), "the requests did not all reach the paused engine"
     assert metric(dlm, "vllm:num_preemptions_total") > before, "the load did not preempt"
     for i, prompt in enumerate(prompts):
         expected = greedy(base, prompt, ignore_eos=True, max_tokens=48)

@@ -209,6 +209,9 @@ class DlmProposer:
         self._step: StepBatch | None = None
         self._requests: dict[str, _RequestState] = {}
         self._last_step_end: float | None = None
+        # Requests that were decoding at the last proposal: only a step that continues one of
+        # them measures a step; the first after an idle engine would measure the idle time.
+        self._last_decoding: set[str] = set()
 
     @property
     def controller(self) -> LengthController:
@@ -298,7 +301,10 @@ class DlmProposer:
             row for row, sampled in enumerate(sampled_token_ids) if sampled and rooms[row] > 0
         ]
         verified = self._observe_verification(step, sampled_token_ids)
-        self._record_costs(len(decoding), verified, started)
+        decoding_ids = {step.req_ids[row] for row in decoding}
+        if not decoding_ids.isdisjoint(self._last_decoding):
+            self._record_costs(len(decoding), verified, started)
+        self._last_decoding = decoding_ids
         for source in self._sources:
             source.controller.begin_step(len(decoding))
             source.seconds, source.drafted_tokens = 0.0, 0
@@ -486,8 +492,7 @@ class DlmProposer:
         """The engine step between two proposals is the verification of the last drafts (plus
         scheduling and sampling); every source's controller learns it, with its own share of
         the last proposer call."""
-        if self._last_step_end is None or batch_size == 0:
-            return
+        assert self._last_step_end is not None
         for source in self._sources:
             source.controller.record_step(
                 StepTiming(
