@@ -39,6 +39,7 @@ from typing import Any
 
 from dlmspec_vllm.offline_run import (
     Batch,
+    BatchResult,
     EngineJob,
     EngineResult,
     EngineRunError,
@@ -63,6 +64,8 @@ CONTROLLERS: dict[str, dict[str, Any]] = {
     "cost_aware": {"name": "cost_aware"},
 }
 QUICK_CONFIGS = ("none", "ngram-k4", "ar-draft-k4", "dlm-k4", "dlm-k4-lattice")
+# Suffix of a configuration run with --reference-src, an older checkout's code.
+REFERENCE = "@ref"
 # The floor of the dlm method: everything it does in a step, with no request ever drafting.
 NEVER_DRAFTING = {"num_speculative_tokens": 4, "controller": {"name": "fixed", "k": 0}}
 
@@ -145,22 +148,26 @@ def load_prompts(path: Path, sets: Sequence[str], per_set: int) -> list[dict[str
     ]
 
 
-def requests_per_batch_size(
-    records: list[dict[str, str]], batch_sizes: Sequence[int], min_requests: int
-) -> dict[int, list[dict[str, str]]]:
-    """The records each batch size serves: all of them, or with min_requests > 0 the first
-    max(min_requests, batch) rounded up to whole batches."""
+def requests_per_round(
+    records: list[dict[str, str]], batch_sizes: Sequence[int], min_requests: int, rounds: int
+) -> list[dict[int, list[dict[str, str]]]]:
+    """Per round, the records each batch size serves. With min_requests 0: every record, in
+    every round. Otherwise each round serves max(min_requests / rounds, batch) of them, rounded
+    up to whole batches, taken from where the last round stopped (from the front again once all
+    were served)."""
     if min_requests <= 0:
-        return {size: records for size in batch_sizes}
-    chosen = {}
+        return [{size: records for size in batch_sizes} for _ in range(rounds)]
+    chosen: list[dict[int, list[dict[str, str]]]] = [{} for _ in range(rounds)]
     for size in batch_sizes:
-        wanted = math.ceil(max(min_requests, size) / size) * size
+        wanted = math.ceil(max(math.ceil(min_requests / rounds), size) / size) * size
         if wanted > len(records):
             raise SystemExit(
                 f"batch size {size} needs {wanted} prompts, the chosen sets hold {len(records)}: "
                 "raise --prompts-per-set or lower --min-requests"
             )
-        chosen[size] = records[:wanted]
+        for r in range(rounds):
+            start = r * wanted
+            chosen[r][size] = [records[(start + i) % len(records)] for i in range(wanted)]
     return chosen
 
 
@@ -206,18 +213,31 @@ def engine_job(
     )
 
 
-def summarize(result: EngineResult, sets: dict[int, list[str]]) -> list[dict]:
-    """Per batch size: throughput and acceptance from vLLM's per-request metrics, also per
-    prompt set (``sets``: per batch size, each request's set, in request order), and with a
-    dlm proposer its own time and counts over that batch size's steps."""
-    rows, index = [], 0
+def split_by_batch_size(
+    result: EngineResult, sets: dict[int, list[str]]
+) -> dict[int, tuple[list[BatchResult], dict[str, Any] | None]]:
+    """One engine's batches per batch size, with its proposer's figures over them."""
+    split, index = {}, 0
     previous: dict[str, Any] | None = None
     for size, request_sets in sets.items():
         batches = result.batches[index : index + math.ceil(len(request_sets) / size)]
         index += len(batches)
         report = batches[-1].proposers[0] if batches[-1].proposers else None
-        proposer = proposer_during(previous, report) if report else None
+        split[size] = (batches, proposer_during(previous, report) if report else None)
         previous = report
+    return split
+
+
+def summarize(rounds: list[tuple[EngineResult, dict[int, list[str]]]]) -> list[dict]:
+    """Per batch size, over every round's engine: throughput and acceptance from vLLM's
+    per-request metrics, also per prompt set (each round's sets: per batch size, each
+    request's set, in request order), and with a dlm proposer its own time and counts."""
+    rows = []
+    splits = [split_by_batch_size(result, sets) for result, sets in rounds]
+    for size in rounds[0][1]:
+        batches = [b for split in splits for b in split[size][0]]
+        request_sets = [s for _, sets in rounds for s in sets[size]]
+        proposer = merge_proposer_figures([split[size][1] for split in splits])
         per_request = [m for b in batches for m in b.spec_decode_per_request]
         by_set: dict[str, list[int]] = {}
         for prompt_set, m in zip(request_sets, per_request):
@@ -260,6 +280,22 @@ def summarize(result: EngineResult, sets: dict[int, list[str]]) -> list[dict]:
             }
         )
     return rows
+
+
+def merge_proposer_figures(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The proposer's figures of several engines (rounds) as one: counts and seconds added."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    summed = ("steps", "drafting_steps", "copied_draft_steps", "copied_accepted_tokens")
+    merged = {key: sum(p[key] for p in parts) for key in summed + ("failed_draft_steps",)}
+    drafting = merged["drafting_steps"]
+    for key in ("proposer_ms_per_drafting_step", "drafter_ms_per_drafting_step"):
+        total = sum((p[key] or 0.0) * p["drafting_steps"] for p in parts)
+        merged[key] = total / drafting if drafting else None
+    merged["controller_per_round"] = [p["controller"] for p in parts]
+    merged["copied_controller_per_round"] = [p["copied_controller"] for p in parts]
+    return merged
 
 
 def proposer_during(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
@@ -345,6 +381,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--ignore-eos", action="store_true", help="every request writes --max-tokens tokens"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="engines per configuration, the configurations taken in turn each round, so a "
+        "machine whose speed drifts during the run slows them all alike",
+    )
+    parser.add_argument(
+        "--reference-src",
+        type=Path,
+        help="an older checkout's src/: configurations named NAME@ref run NAME with it",
+    )
     parser.add_argument("--prompts", type=Path, default=HERE / "prompts.json")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=512)
@@ -377,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     chosen = [BASELINE] + [
         c for c in (args.configs.split(",") if args.configs else configs) if c != BASELINE
     ]
+    if args.reference_src is not None:
+        configs |= {f"{name}{REFERENCE}": spec for name, spec in configs.items() if spec}
     unknown = [c for c in chosen if c not in configs]
     if unknown:
         raise SystemExit(f"unknown configs {unknown}; run with --list to see them")
@@ -388,9 +438,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         truncate_target(args.target, ar_dir, layers=args.ar_layers)
     records = load_prompts(args.prompts, args.sets, args.prompts_per_set)
-    served = requests_per_batch_size(records, args.batch_sizes, args.min_requests)
-    prompts = {size: [r["prompt"] for r in chosen] for size, chosen in served.items()}
-    request_sets = {size: [r["set"] for r in chosen] for size, chosen in served.items()}
+    served = requests_per_round(records, args.batch_sizes, args.min_requests, args.rounds)
+    prompts = [{size: [r["prompt"] for r in chosen] for size, chosen in s.items()} for s in served]
+    request_sets = [
+        {size: [r["set"] for r in chosen] for size, chosen in s.items()} for s in served
+    ]
 
     report: dict[str, Any] = {
         "name": args.name,
@@ -405,7 +457,11 @@ def main(argv: list[str] | None = None) -> None:
             "prompt_sets": args.sets,
             "prompts_per_set": args.prompts_per_set,
             "prompts": records,
-            "requests_per_batch_size": {size: len(p) for size, p in prompts.items()},
+            "rounds": args.rounds,
+            "requests_per_batch_size": {
+                size: sum(len(p[size]) for p in prompts) for size in args.batch_sizes
+            },
+            "reference_src": str(args.reference_src) if args.reference_src else None,
             "public_sets": {
                 name: public_sets.provenance()[name]
                 for name in args.sets
@@ -414,35 +470,49 @@ def main(argv: list[str] | None = None) -> None:
             "max_tokens": args.max_tokens,
             "ignore_eos": args.ignore_eos,
             "sampling": "greedy (temperature 0), chat template applied",
-            "engine": engine_job(args.target, None, prompts, args).engine_kwargs,
+            "engine": engine_job(args.target, None, prompts[0], args).engine_kwargs,
             "omp_threads": args.threads,
         },
         "configs": {},
     }
+    results: dict[str, list[EngineResult]] = {name: [] for name in chosen}
+    started = time.perf_counter()
+    for round_index in range(args.rounds):
+        for name in chosen:
+            if name in report["configs"]:  # it failed in an earlier round
+                continue
+            print(f"[{name}] round {round_index + 1}: starting engine ...", flush=True)
+            job = engine_job(args.target, configs[name], prompts[round_index], args)
+            env = {"PYTHONPATH": str(args.reference_src)} if name.endswith(REFERENCE) else None
+            try:
+                result = run_in_subprocess(
+                    job, threads=args.threads, timeout=args.timeout, extra_env=env
+                )
+            except (EngineRunError, subprocess.TimeoutExpired) as err:
+                log = getattr(err, "log", str(err))
+                report["configs"][name] = {
+                    "speculative_config": configs[name],
+                    "error": log[-3000:],
+                }
+                print(f"[{name}] FAILED: {log.strip().splitlines()[-1] if log.strip() else err}")
+                if name == BASELINE:
+                    raise SystemExit(
+                        f"the no-speculation run failed; nothing to compare:\n{log}"
+                    ) from None
+                continue
+            results[name].append(result)
     for name in chosen:
-        print(f"[{name}] starting engine ...", flush=True)
-        job = engine_job(args.target, configs[name], prompts, args)
-        started = time.perf_counter()
-        try:
-            result = run_in_subprocess(job, threads=args.threads, timeout=args.timeout)
-        except (EngineRunError, subprocess.TimeoutExpired) as err:
-            log = getattr(err, "log", str(err))
-            report["configs"][name] = {"speculative_config": configs[name], "error": log[-3000:]}
-            print(f"[{name}] FAILED: {log.strip().splitlines()[-1] if log.strip() else err}")
-            if name == BASELINE:
-                raise SystemExit(
-                    f"the no-speculation run failed; nothing to compare:\n{log}"
-                ) from None
+        if name in report["configs"]:
             continue
-        rows = summarize(result, request_sets)
+        runs = results[name]
         report["configs"][name] = {
             "speculative_config": configs[name],
-            "engine_startup_seconds": result.startup_seconds,
-            "process_seconds": time.perf_counter() - started,
-            "engine_counters": result.spec_decode,
-            "engine_accepted_per_position": result.accepted_per_position,
-            "by_batch_size": rows,
+            "engine_startup_seconds": [r.startup_seconds for r in runs],
+            "engine_counters": [r.spec_decode for r in runs],
+            "engine_accepted_per_position": [r.accepted_per_position for r in runs],
+            "by_batch_size": summarize(list(zip(runs, request_sets, strict=True))),
         }
+    report["run_seconds"] = time.perf_counter() - started
     mark_lossless(report["configs"])
     args.results_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.results_dir / f"{args.name}.json"

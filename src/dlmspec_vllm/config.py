@@ -39,8 +39,9 @@ class ControllerSettings(BaseModel):
 
     name: Literal["fixed", "adl", "failfast", "cost_aware"] = Field(
         default="fixed",
-        description="fixed: always num_speculative_tokens (or `k`); adl: DiffuSpec's adaptive "
-        "draft length; failfast: FailFast's extend-while-confident rule; cost_aware: ours.",
+        description="fixed: always num_speculative_tokens (or `k`; k 0 never drafts, the "
+        "method's floor); adl: DiffuSpec's adaptive draft length; failfast: FailFast's "
+        "extend-while-confident rule; cost_aware: ours, from costs measured per batch size.",
     )
     options: dict[str, int | float | bool] = Field(
         default_factory=dict,
