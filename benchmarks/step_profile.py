@@ -111,8 +111,8 @@ def instrument(llm: Any, timers: Timers) -> None:
         timers.wrap(proposer, "propose", "dlm_propose")
         drafter = proposer.drafter
         timers.wrap(drafter, "draft", "drafter_draft")
-        if hasattr(drafter, "observe"):
-            timers.wrap(drafter, "observe", "drafter_observe")
+        if hasattr(drafter, "observe_step"):
+            timers.wrap(drafter, "observe_step", "drafter_observe_step")
         timers.wrap(PathChooser, "choose", "lattice_choose")
         timers.wrap(DraftBlock, "confidences", "draft_confidences")
         timers.wrap(proposer_module, "context_continuation", "context_lookup")

@@ -174,9 +174,14 @@ def test_draft_vocabulary_scores_only_its_ids(parts):
     drafter = make_drafter(parts, draft_to_target=draft_ids - torch.arange(4))
     drafter.observe("r", TargetFeatures(torch.arange(5), torch.randn(5, FEATURES)))
     block = drafter.draft([[1, 2, 3, 4, 5, 6]], [3], req_ids=["r"])
-    finite = torch.isfinite(block.logits[0]).nonzero()[:, 1].unique()
+    # The block is scored over the draft vocabulary alone, its columns named by vocab_ids.
+    assert block.logits.shape[-1] == 4 and block.vocab_ids.tolist() == draft_ids.tolist()
+    full = block.over_vocabulary(VOCAB)
+    finite = torch.isfinite(full.logits[0]).nonzero()[:, 1].unique()
     assert finite.tolist() == draft_ids.tolist()
+    assert block.argmax_tokens() == full.argmax_tokens()
     assert set(block.argmax_tokens()[0]) <= set(draft_ids.tolist())
+    torch.testing.assert_close(torch.tensor(block.confidences()), torch.tensor(full.confidences()))
 
 
 def test_training_loss_scores_what_drafting_computes(parts):

@@ -18,17 +18,30 @@ import torch
 class DraftBlock:
     """Per-position drafter output for a batch of requests.
 
-    logits: [batch, max_length, target_vocab_size]; row b is meaningful for its first
-        lengths[b] positions, position j being the drafter's prediction for the token that
-        follows the context plus j drafted tokens.
+    logits: [batch, max_length, columns]; row b is meaningful for its first lengths[b]
+        positions, position j being the drafter's prediction for the token that follows the
+        context plus j drafted tokens.
     lengths: how many positions were drafted for each request (0 allowed).
+    vocab_ids: the target token id of each logits column, for a drafter that drafts from a
+        subset of the vocabulary (a DFlash draft vocabulary); None: the columns are the target
+        vocabulary itself. Every token outside the subset has probability 0.
     """
 
     logits: torch.Tensor
     lengths: list[int]
+    vocab_ids: torch.Tensor | None = None
     _top: tuple[list[list[int]], list[list[float]]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+
+    def over_vocabulary(self, vocab_size: int) -> DraftBlock:
+        """The same block with one column per target token (the lattice reads those)."""
+        if self.vocab_ids is None:
+            return self
+        batch, width, _ = self.logits.shape
+        full = self.logits.new_full((batch, width, vocab_size), float("-inf"))
+        full[:, :, self.vocab_ids] = self.logits
+        return DraftBlock(logits=full, lengths=self.lengths)
 
     def argmax_tokens(self) -> list[list[int]]:
         return self._top_tokens_and_confidences()[0]
@@ -44,6 +57,8 @@ class DraftBlock:
             logits = self.logits.float()
             best, tokens = logits.max(dim=-1)
             confidence = torch.exp(best - torch.logsumexp(logits, dim=-1))
+            if self.vocab_ids is not None:
+                tokens = self.vocab_ids[tokens]
             # float64 holds every token id exactly, so one tensor carries both to the host.
             rows = torch.stack((tokens.double(), confidence.double())).cpu().tolist()
             self._top = (

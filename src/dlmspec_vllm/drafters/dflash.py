@@ -489,7 +489,7 @@ class DFlashDrafter:
         for row, i in enumerate(more):
             lengths_out[i] += rest.lengths[row]
         logits = torch.full(
-            (len(lengths_out), max(lengths_out), self.target_vocab_size),
+            (len(lengths_out), max(lengths_out), first.logits.shape[-1]),
             float("-inf"),
             device=self.device,
         )
@@ -497,7 +497,7 @@ class DFlashDrafter:
         for row, i in enumerate(more):
             done, extra = first.lengths[i], rest.lengths[row]
             logits[i, done : done + extra] = rest.logits[row, :extra]
-        return DraftBlock(logits=logits, lengths=lengths_out)
+        return DraftBlock(logits=logits, lengths=lengths_out, vocab_ids=self.draft_ids)
 
     def _draft_one_pass(
         self,
@@ -532,21 +532,26 @@ class DFlashDrafter:
             rows.append((entry, keep, start, known, max(0, min(length, room))))
         drafted = [n for *_, n in rows]
         width = max(drafted, default=0)
-        vocab = self.target_vocab_size
-        logits = torch.full((len(rows), width, vocab), float("-inf"), device=self.device)
+        logits = torch.full(
+            (len(rows), width, self.head_weight.shape[0]), float("-inf"), device=self.device
+        )
         active = [i for i, n in enumerate(drafted) if n > 0]
         if not active:
-            return DraftBlock(logits=logits, lengths=drafted)
+            return DraftBlock(logits=logits, lengths=drafted, vocab_ids=self.draft_ids)
         hidden = self._block_hidden([rows[i] for i in active])
-        for out_row, i in enumerate(active):
-            entry, keep, start, known, n = rows[i]
-            head_in = hidden[out_row, len(known) : len(known) + n]
-            scores = head_in @ self.head_weight.T
-            if self.draft_ids is None:
-                logits[i, :n] = scores.float()
-            else:
-                logits[i, :n, self.draft_ids] = scores.float()
-        return DraftBlock(logits=logits, lengths=drafted)
+        # Every drafted position of the batch through the head in one product.
+        head_in = torch.cat(
+            [
+                hidden[out, len(rows[i][3]) : len(rows[i][3]) + drafted[i]]
+                for out, i in enumerate(active)
+            ]
+        )
+        scores = (head_in @ self.head_weight.T).float()
+        done = 0
+        for i in active:
+            logits[i, : drafted[i]] = scores[done : done + drafted[i]]
+            done += drafted[i]
+        return DraftBlock(logits=logits, lengths=drafted, vocab_ids=self.draft_ids)
 
     def _block_hidden(self, rows: list[tuple]) -> torch.Tensor:
         """Hidden states of every row's block [rows, block_size, hidden], batched with the

@@ -38,6 +38,8 @@ class PathChooser:
     ) -> list[list[int]]:
         """One draft per request: at most lengths[b] tokens, ending at its first EOS if any."""
         settings = self.settings
+        if settings.enabled:
+            block = block.over_vocabulary(self.vocab_size)
         if not settings.enabled or settings.scorer == "none":
             scorers = None
         elif settings.scorer == "arpa":
