@@ -214,3 +214,38 @@ def test_context_lookup_is_lossless_and_drafts_from_both_sources(tiny_pair, no_s
     assert report["copied_accepted_tokens"] > 0
     assert report["controller"]["steps"] > 0  # the diffusion drafter drafted the rest
     assert report["num_tracked_requests"] == 0
+
+
+def test_a_request_at_max_model_len_does_not_make_the_batch_verify_zero_drafts(
+    tiny_pair, no_speculation
+):
+    """vLLM skips the proposer for the whole batch once its longest sequence plus
+    num_speculative_tokens passes max_model_len, and schedules that many zero tokens as every
+    request's draft; the plugin keeps proposing (each draft capped at its request's room), so
+    vLLM verifies only what the proposer sent."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_pair.target_dir))
+    words = ("def value(self, index):\n    return self.items[index]\n" * 40).split(" ")
+    while len(tokenizer(" ".join(words))["input_ids"]) > ENGINE["max_model_len"] - 30:
+        words.pop()
+    prompts = [" ".join(words), *PROMPTS[:3]]
+    greedy = SamplingSettings(temperature=0.0, max_tokens=60, ignore_eos=True)
+    batches = [Batch(prompts=prompts, sampling=greedy)]
+    plain = run_in_subprocess(
+        EngineJob(model=str(tiny_pair.target_dir), engine_kwargs=ENGINE, batches=batches)
+    )
+    result = run_in_subprocess(
+        EngineJob(
+            model=str(tiny_pair.target_dir),
+            speculative_config=dlm_config(tiny_pair, k=8),
+            engine_kwargs=ENGINE,
+            batches=batches,
+            report_proposer=True,
+        )
+    )
+    assert result.batches[0].token_ids == plain.batches[0].token_ids
+    assert len(plain.batches[0].token_ids[0]) < 60  # the long request stopped at max_model_len
+    sent = sum(sum(step.values()) for step in result.proposer["recent_step_lengths"])
+    assert result.proposer["steps"] < 256  # every step's lengths are still in the report
+    assert 0 < result.spec_decode["num_draft_tokens"] <= sent

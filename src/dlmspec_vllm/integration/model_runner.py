@@ -135,7 +135,12 @@ class GPUModelRunnerPatch(MethodPatch):
     target = GPUModelRunner
     # `_setup_eagle3_aux_hidden_state_outputs` is where both the GPU and the CPU runner's
     # load_model end, after the drafter's load_model: the point where eagle3 picks its layers.
-    methods = ("execute_model", "propose_draft_token_ids", "_setup_eagle3_aux_hidden_state_outputs")
+    methods = (
+        "execute_model",
+        "propose_draft_token_ids",
+        "_setup_eagle3_aux_hidden_state_outputs",
+        "_input_fits_in_drafter",
+    )
     expected_parameters = {
         "execute_model": ("self", "scheduler_output", "intermediate_tensors"),
         "propose_draft_token_ids": (
@@ -151,7 +156,17 @@ class GPUModelRunnerPatch(MethodPatch):
             "slot_mappings",
         ),
         "_setup_eagle3_aux_hidden_state_outputs": ("self",),
+        "_input_fits_in_drafter": ("self", "common_attn_metadata"),
     }
+
+    def _input_fits_in_drafter(self, common_attn_metadata):
+        # vLLM asks whether the longest sequence plus num_speculative_tokens fits max_model_len;
+        # if not, it skips the proposer and schedules num_speculative_tokens zero tokens as
+        # drafts for every request of the batch, all of which the target then verifies. Our
+        # proposer caps each request's draft at its own room, so the batch always fits it.
+        if isinstance(getattr(self, "drafter", None), DlmProposer):
+            return common_attn_metadata is not None
+        return GPUModelRunnerPatch.original("_input_fits_in_drafter")(self, common_attn_metadata)
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         drafter = getattr(self, "drafter", None)
