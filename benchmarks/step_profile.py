@@ -111,8 +111,12 @@ def instrument(llm: Any, timers: Timers) -> None:
         timers.wrap(proposer, "propose", "dlm_propose")
         drafter = proposer.drafter
         timers.wrap(drafter, "draft", "drafter_draft")
-        if hasattr(drafter, "observe_step"):
-            timers.wrap(drafter, "observe_step", "drafter_observe_step")
+        # The hand-over of target features: batched since the step-path rework, per request
+        # before it (--reference-src runs the older code).
+        for method in ("observe_step", "observe"):
+            if hasattr(drafter, method):
+                timers.wrap(drafter, method, "drafter_take_features")
+                break
         timers.wrap(PathChooser, "choose", "lattice_choose")
         timers.wrap(DraftBlock, "confidences", "draft_confidences")
         timers.wrap(proposer_module, "context_continuation", "context_lookup")
