@@ -319,3 +319,26 @@ def test_batch_cost_model_keeps_buckets_apart_and_borrows_the_nearest() -> None:
     assert costs.model_for(64).verify_cost(8) == pytest.approx(0.66, rel=0.02)
     assert costs.model_for(2) is costs.model_for(1)
     assert costs.model_for(32) is costs.model_for(128) is costs.model_for(64)
+
+
+def test_what_a_drafted_step_costs_beyond_a_plain_one_is_shared_by_its_drafters() -> None:
+    """A step that verifies any draft costs a fixed 30 ms more than a plain step (vLLM's
+    rejection sampling): worth paying for sixteen requests that draft well, not for one."""
+    controller = CostAwareController(4, probe_budget=0.0)
+    for _ in range(20):
+        for tokens in (16, 32, 64):
+            controller.record_step(StepTiming(16, 0.16, 0))
+            timing = StepTiming(16, 0.16 + 0.03 + 0.0005 * tokens, tokens, 0.001, tokens)
+            controller.record_step(timing)
+    good = [f"good{i}" for i in range(16)]
+    for _ in range(10):
+        for req_id in good:
+            controller.observe(req_id, drafted=4, accepted=3, generated=4)
+    costs = controller.costs.model_for(16)
+    assert costs.plain_step() == pytest.approx(0.16)
+    assert costs.verify_cost(0) == pytest.approx(0.19, rel=0.01)
+    controller.begin_step(16)
+    assert all(k > 0 for k in controller.initial_lengths(good))
+    # The only request of the batch left to decide (the others copy, or are prefilling)
+    # would pay the 30 ms alone.
+    assert controller.initial_lengths([good[0]]) == [0]

@@ -180,9 +180,13 @@ class CostAwareController(StatefulController[_History]):
 
     def _request_lines(self, drafting: int) -> tuple[tuple[float, float], tuple[float, float]]:
         """One request's share of this step's draft and verify cost lines, with `drafting`
-        requests sharing the drafter pass."""
-        (draft_a, draft_b), (verify_a, verify_b) = self._step_costs.lines()
-        return (draft_a / max(1, drafting), draft_b), (verify_a / self._batch_size, verify_b)
+        requests sharing the drafter pass and what a step with drafts costs beyond a plain
+        one at zero draft tokens (vLLM's rejection sampling and speculative bookkeeping)."""
+        costs = self._step_costs
+        (draft_a, draft_b), (verify_a, verify_b) = costs.lines()
+        plain = min(costs.plain_step(), verify_a)
+        shared = draft_a + verify_a - plain
+        return (shared / max(1, drafting), draft_b), (plain / self._batch_size, verify_b)
 
     def _new_state(self) -> _History:
         return _History(_Counts(self.max_length))

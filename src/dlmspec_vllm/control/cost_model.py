@@ -94,6 +94,8 @@ class CostModel:
         ema = check_float("cost_ema", cost_ema, 0.0, 1.0, low_open=True)
         self._draft = _WeightedLine(ema)
         self._verify = _WeightedLine(ema)
+        self._ema = ema
+        self._plain: float | None = None  # EMA of steps that verified no draft at all
         self._samples = 0
         self._lines: tuple[tuple[float, float], tuple[float, float]] | None = None
 
@@ -108,7 +110,15 @@ class CostModel:
         check_int("verify_tokens", verify_tokens, 0)
         if draft_len > 0:
             self._draft.add(draft_len, draft_seconds)
-        self._verify.add(verify_tokens, verify_seconds)
+        # The line is fitted on steps that verified drafts; a plain step is another kind of
+        # step (no rejection sampling), kept apart so the line's intercept is a drafted step's.
+        if verify_tokens > 0:
+            self._verify.add(verify_tokens, verify_seconds)
+        else:
+            plain = self._plain
+            self._plain = (
+                verify_seconds if plain is None else plain + self._ema * (verify_seconds - plain)
+            )
         self._samples += 1
         self._lines = None
 
@@ -121,7 +131,8 @@ class CostModel:
         """((draft_a, draft_b), (verify_a, verify_b)); cached until the next record()."""
         if self._lines is None:
             if self._verify.empty:
-                verify = (1.0, self._verify_slope)
+                level = 1.0 if self._plain is None else self._plain
+                verify = (level, level * self._verify_slope)
             else:
                 verify = self._verify.coefficients(self._verify_slope)
             if self._draft.empty:
@@ -131,6 +142,11 @@ class CostModel:
                 draft = self._draft.coefficients(self._draft_slope)
             self._lines = (draft, verify)
         return self._lines
+
+    def plain_step(self) -> float:
+        """What a step that verifies no draft costs: measured where such steps were seen,
+        else the verify line at 0."""
+        return self._plain if self._plain is not None else self.lines()[1][0]
 
     def draft_cost(self, k: int) -> float:
         """Cost of one drafter pass over k positions (0 for k == 0: no pass)."""
