@@ -21,19 +21,6 @@ from dlmspec_vllm.control import (
 NAMES = ["fixed", "adl", "failfast", "cost_aware"]
 
 
-def record_batch1(controller, draft_seconds, draft_len, verify_seconds, verify_tokens) -> None:
-    """One step at batch 1: a draft pass of draft_len tokens, then its verification."""
-    controller.record_step(
-        StepTiming(
-            batch_size=1,
-            verify_seconds=verify_seconds,
-            verified_tokens=verify_tokens,
-            draft_seconds=draft_seconds,
-            drafted_tokens=draft_len,
-        )
-    )
-
-
 def test_factory_builds_each_controller_by_name() -> None:
     expected = {
         "fixed": FixedLengthController,
@@ -191,5 +178,5 @@ def test_stats_include_controller_counters() -> None:
     assert failfast.stats().as_dict()["extensions"] == 1
     assert failfast.stats().extra["low_confidence_stops"] == 1
     cost = CostAwareController(8)
-    record_batch1(cost, 0.01, 4, 0.1, 4)
+    cost.record_step(StepTiming(1, 0.1, 4, 0.01, 4))
     assert cost.stats().extra["cost_samples"] == 1
