@@ -45,9 +45,6 @@ RECENT_STEPS = 256
 LOG_INTERVAL_SECONDS = 10.0
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The draft sources, in the order a request tries them.
-COPIED = "copied"
-DRAFTER = "drafter"
 
 
 @dataclass
@@ -80,23 +77,22 @@ class _Drafting:
 
 
 @dataclass
-class _RequestState:
-    """What the proposer keeps for one request between its steps."""
-
-    # The source of the draft vLLM verifies next (DRAFTER or COPIED), None if it drafted nothing.
-    source: str | None = None
-    # EOS-aware raw length of that draft (DiffuSpec's L_gen), for the controller.
-    generated: int = 0
-
-
-@dataclass
 class _Source:
     """A draft source and the controller deciding its lengths, with this step's cost."""
 
-    name: str
     controller: LengthController
     seconds: float = 0.0
     drafted_tokens: int = 0
+
+
+@dataclass
+class _RequestState:
+    """What the proposer keeps for one request between its steps."""
+
+    # The source of the draft vLLM verifies next, None if it drafted nothing.
+    source: _Source | None = None
+    # EOS-aware raw length of that draft (DiffuSpec's L_gen), for the controller.
+    generated: int = 0
 
 
 class ProposerStats:
@@ -193,9 +189,9 @@ class DlmProposer:
         self.target_tokenizer: str = model_config.tokenizer
         self.target_path: str = model_config.model
         k = self.settings.num_speculative_tokens
-        self._drafter_source = _Source(DRAFTER, self.settings.controller.build(k))
+        self._drafter_source = _Source(self.settings.controller.build(k))
         self._copied_source = (
-            _Source(COPIED, self.settings.controller.build(k))
+            _Source(self.settings.controller.build(k))
             if self.settings.context_lookup.enabled
             else None
         )
@@ -310,7 +306,9 @@ class DlmProposer:
             source.seconds, source.drafted_tokens = 0.0, 0
 
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
-        rows = self._copy_from_context(decoding, step, num_tokens_no_spec, token_ids_cpu, drafts)
+        rows = self._copy_from_context(
+            decoding, step, num_tokens_no_spec, token_ids_cpu, rooms, drafts
+        )
         drafter_seconds = self._draft_with_drafter(
             rows, step, num_tokens_no_spec, token_ids_cpu, rooms, drafts
         )
@@ -333,6 +331,7 @@ class DlmProposer:
         step: StepBatch,
         num_tokens_no_spec: np.ndarray,
         token_ids_cpu: np.ndarray,
+        rooms: np.ndarray,
         drafts: list[list[int]],
     ) -> list[int]:
         """Drafts copied where a request's last tokens recur in its context, as long as their
@@ -344,10 +343,9 @@ class DlmProposer:
         lookup = self.settings.context_lookup
         found: dict[int, list[int]] = {}
         for row in rows:
-            num_tokens = int(num_tokens_no_spec[row])
             copied = context_continuation(
-                token_ids_cpu[row, :num_tokens],
-                min(self.settings.num_speculative_tokens, self.max_model_len - num_tokens),
+                token_ids_cpu[row, : int(num_tokens_no_spec[row])],
+                min(self.settings.num_speculative_tokens, int(rooms[row])),
                 min_ngram=lookup.min_ngram,
                 max_ngram=lookup.max_ngram,
             )
@@ -358,7 +356,7 @@ class DlmProposer:
             if length > 0:
                 drafts[row] = copied[:length]
                 state = self._state(step.req_ids[row])
-                state.source, state.generated = COPIED, len(copied[:length])
+                state.source, state.generated = source, len(drafts[row])
                 source.drafted_tokens += len(drafts[row])
         source.seconds = time.perf_counter() - started
         return [row for row in rows if not drafts[row]]
@@ -398,7 +396,7 @@ class DlmProposer:
             keep = source.controller.clip(request.req_id, request.confidences)
             drafts[request.row] = request.tokens[:keep]
             state = self._state(request.req_id)
-            state.source = DRAFTER if keep else None
+            state.source = source if keep else None
             state.generated = _length_before_eos(request.tokens, self.eos_token_ids)
             source.drafted_tokens += keep
         source.seconds = time.perf_counter() - started
@@ -472,9 +470,7 @@ class DlmProposer:
             state = self._requests.get(req_id)
             if state is None or state.source is None:
                 continue
-            source = self._copied_source if state.source == COPIED else self._drafter_source
-            state.source = None
-            assert source is not None
+            source, state.source = state.source, None
             scheduled = min(
                 step.scheduled_draft_counts.get(req_id, 0), source.controller.max_length
             )
