@@ -60,13 +60,19 @@ def make_proposer(**settings) -> tuple[DlmProposer, ScriptedDrafter]:
     return proposer, drafter
 
 
-def step(proposer, rows: dict[str, list[int]], sampled: dict[str, list[int]], scheduled=None):
+def step(
+    proposer,
+    rows: dict[str, list[int]],
+    sampled: dict[str, list[int]],
+    scheduled=None,
+    prefill_tokens: int = 0,
+):
     """One engine step: rows maps request id -> its tokens so far (prompt + output)."""
     req_ids = list(rows)
     token_ids = np.zeros((len(rows), MAX_LEN), dtype=np.int64)
     for i, tokens in enumerate(rows.values()):
         token_ids[i, : len(tokens)] = tokens
-    proposer.begin_step(StepBatch(req_ids, scheduled or {}))
+    proposer.begin_step(StepBatch(req_ids, scheduled or {}, prefill_tokens=prefill_tokens))
     return proposer.propose(
         [sampled[r] for r in req_ids],
         np.array([len(t) for t in rows.values()]),
@@ -218,4 +224,17 @@ def test_only_steps_that_continue_a_request_are_timed_for_the_controllers():
     step(proposer, {"b": [5]}, {"b": [5]})
     assert samples.samples == 1
     step(proposer, {"b": [5, 6]}, {"b": [6]})
+    assert samples.samples == 2
+
+
+def test_a_step_that_also_prefills_a_joining_request_is_not_timed():
+    proposer, _ = make_proposer(num_speculative_tokens=3, controller="cost_aware")
+    samples = proposer.controller.costs
+    step(proposer, {"a": [1]}, {"a": [1]})
+    step(proposer, {"a": [1, 2]}, {"a": [2]})
+    assert samples.samples == 1
+    # "b" joins with its prompt's first chunk: the step measures that prefill, not a draft.
+    step(proposer, {"a": [1, 2, 3], "b": [7, 7, 7]}, {"a": [3], "b": []}, prefill_tokens=3)
+    assert samples.samples == 1
+    step(proposer, {"a": [1, 2, 3, 4], "b": [7, 7, 7, 8]}, {"a": [4], "b": [8]})
     assert samples.samples == 2

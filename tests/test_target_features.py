@@ -194,6 +194,18 @@ def test_chunked_prefill_observed_chunk_by_chunk(recorded):
     assert torch.equal(torch.cat(chunks), torch.arange(len(long_prompt)))
 
 
+def test_the_runner_counts_the_prompt_tokens_each_step_computes(recorded):
+    """prefill_tokens (what keeps a step out of the controllers' cost fit) is what the step's
+    prompt chunks hold beyond the one token a decoding request would compute."""
+    prompt_length = {r: len(c) - 1 for r, c in recorded["first_contexts"].items()}
+    counted = []
+    for prefill_tokens, rows in recorded["steps"]:
+        chunks = [count for r, count, first in rows if first < prompt_length[r]]
+        assert prefill_tokens == sum(count - 1 for count in chunks)
+        counted.append(prefill_tokens)
+    assert 0 in counted and any(counted)
+
+
 def test_observed_features_equal_transformers_hidden_states(recorded, deep_target):
     """vLLM's aux state for DFlash id i is the residual stream after layer i (before any final
     norm): Hugging Face's hidden_states[i + 1], concatenated in target_layer_ids order."""

@@ -34,7 +34,7 @@ from dlmspec_vllm.drafters.base import (
     StepFeatures,
     TargetConditionedDrafter,
 )
-from dlmspec_vllm.drafters.context_lookup import context_continuation
+from dlmspec_vllm.drafters.context_lookup import context_continuations
 from dlmspec_vllm.drafters.loading import load_drafter, resolve_checkpoint_dir
 from dlmspec_vllm.lattice.chooser import PathChooser
 
@@ -56,11 +56,14 @@ class StepBatch:
     target_features: only for a TargetConditionedDrafter, for the requests with new tokens:
         the target's hidden states at the drafter's layers for the tokens that joined their
         sequences this step (a prompt chunk, or the last token plus the accepted drafts).
+    prefill_tokens: tokens the step computed beyond one per request and its drafts (prompt
+        chunks of requests joining the batch).
     """
 
     req_ids: list[str]
     scheduled_draft_counts: dict[str, int]
     target_features: StepFeatures | None = None
+    prefill_tokens: int = 0
 
 
 @dataclass
@@ -298,7 +301,10 @@ class DlmProposer:
         ]
         verified = self._observe_verification(step, sampled_token_ids)
         decoding_ids = {step.req_ids[row] for row in decoding}
-        if not decoding_ids.isdisjoint(self._last_decoding):
+        # A step that also prefilled measures the prompt, which no draft length changes: at
+        # batch 16 one joining request's prompt costs as much as a few decode steps, and
+        # counted as verification it would hide what drafting costs.
+        if step.prefill_tokens == 0 and not decoding_ids.isdisjoint(self._last_decoding):
             self._record_costs(len(decoding), verified, started)
         self._last_decoding = decoding_ids
         for source in self._sources:
@@ -341,16 +347,20 @@ class DlmProposer:
             return rows
         started = time.perf_counter()
         lookup = self.settings.context_lookup
-        found: dict[int, list[int]] = {}
-        for row in rows:
-            copied = context_continuation(
-                token_ids_cpu[row, : int(num_tokens_no_spec[row])],
-                min(self.settings.num_speculative_tokens, int(rooms[row])),
-                min_ngram=lookup.min_ngram,
-                max_ngram=lookup.max_ngram,
-            )
-            if copied:
-                found[row] = copied[: _length_before_eos(copied, self.eos_token_ids) + 1]
+        index = np.asarray(rows)
+        ends = np.asarray(num_tokens_no_spec)[index]
+        continuations = context_continuations(
+            token_ids_cpu[index, : int(ends.max())],
+            ends,
+            np.minimum(self.settings.num_speculative_tokens, rooms[index]),
+            min_ngram=lookup.min_ngram,
+            max_ngram=lookup.max_ngram,
+        )
+        found = {
+            row: copied[: _length_before_eos(copied, self.eos_token_ids) + 1]
+            for row, copied in zip(rows, continuations)
+            if copied
+        }
         lengths = source.controller.initial_lengths([step.req_ids[row] for row in found])
         for (row, copied), length in zip(found.items(), lengths):
             if length > 0:

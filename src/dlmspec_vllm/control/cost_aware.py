@@ -343,11 +343,23 @@ class CostAwareController(StatefulController[_History]):
                 self._calib_successes[b] += 1.0 if i < accepted else 0.0
 
     def _extra_stats(self) -> dict[str, float]:
-        return {
+        stats: dict[str, float] = {
             "probes": self._probes,
             "trimmed_tokens": self._trimmed,
             "cost_samples": self._costs.samples,
         }
+        # The fitted costs per batch-size bucket, in ms: what the decisions were made with.
+        for bucket, model in sorted(self._costs.buckets.items()):
+            (draft_a, draft_b), (verify_a, verify_b) = model.lines()
+            for name, seconds in (
+                ("plain_step", model.plain_step()),
+                ("drafted_step_at_zero_tokens", verify_a),
+                ("verify_per_token", verify_b),
+                ("draft_pass", draft_a),
+                ("draft_per_token", draft_b),
+            ):
+                stats[f"batch{bucket}_{name}_ms"] = 1000 * seconds
+        return stats
 
 
 def _confidence_bin(confidence: float) -> int:

@@ -236,6 +236,9 @@ class GPUModelRunnerPatch(MethodPatch):
                     req_ids=req_ids,
                     scheduled_draft_counts=draft_counts,
                     target_features=features,
+                    prefill_tokens=scheduler_output.total_num_scheduled_tokens
+                    - len(scheduler_output.num_scheduled_tokens)
+                    - sum(draft_counts.values()),
                 )
             )
         original = GPUModelRunnerPatch.original("propose_draft_token_ids")
