@@ -119,7 +119,7 @@ def instrument(llm: Any, timers: Timers) -> None:
                 break
         timers.wrap(PathChooser, "choose", "lattice_choose")
         timers.wrap(DraftBlock, "confidences", "draft_confidences")
-        timers.wrap(proposer_module, "context_continuation", "context_lookup")
+        timers.wrap(proposer_module, "context_continuations", "context_lookup")
 
 
 def child(job_path: Path, out_path: Path) -> None:

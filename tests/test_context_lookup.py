@@ -5,11 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dlmspec_vllm.drafters.context_lookup import context_continuation
+from dlmspec_vllm.drafters.context_lookup import context_continuations
 
 
 def lookup(context, length, min_ngram=2, max_ngram=4):
-    return context_continuation(context, length, min_ngram=min_ngram, max_ngram=max_ngram)
+    """One request's continuation, from a batch row padded with tokens past its context."""
+    row = np.asarray(list(context) + [3, 1, 2, 3, 4], dtype=np.int64)[None]
+    return context_continuations(
+        row, np.array([len(context)]), np.array([length]), min_ngram=min_ngram, max_ngram=max_ngram
+    )[0]
 
 
 def test_what_followed_the_earlier_occurrence_of_the_suffix_is_the_draft():
@@ -41,3 +45,33 @@ def test_nothing_when_no_suffix_recurs_or_nothing_is_asked():
 def test_an_empty_ngram_range_is_refused():
     with pytest.raises(ValueError, match="min_ngram <= max_ngram"):
         lookup([1, 2, 1, 2], 2, min_ngram=3, max_ngram=2)
+
+
+def test_a_batch_gives_each_row_what_it_would_get_alone():
+    rng = np.random.default_rng(0)
+    width = 120
+    # Small alphabets repeat often, so suffixes of every length recur; rows differ in length
+    # and in how much they ask for, and what lies past a row's context must not matter.
+    batch = rng.integers(0, 4, size=(24, width))
+    ends = rng.integers(1, width + 1, size=24)
+    wants = rng.integers(0, 7, size=24)
+    got = context_continuations(batch, ends, wants, min_ngram=1, max_ngram=4)
+    for row in range(24):
+        context, want = batch[row, : ends[row]].tolist(), int(wants[row])
+        assert got[row] == lookup(context, want, 1, 4) == plain_lookup(context, want, 1, 4)
+    assert any(got) and not all(got)
+
+
+def plain_lookup(context: list[int], length: int, min_ngram: int, max_ngram: int) -> list[int]:
+    """The rule in plain Python: longest suffix first, latest occurrence with a whole
+    continuation, else the latest."""
+    if length <= 0:
+        return []
+    for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
+        suffix = context[-n:]
+        starts = [j + n for j in range(len(context) - n) if context[j : j + n] == suffix]
+        if starts:
+            whole = [s for s in starts if s + length <= len(context)]
+            start = (whole or starts)[-1]
+            return context[start : start + length]
+    return []

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from dlmspec_vllm.drafters.base import StepFeatures, TargetConditionedDrafter, TargetFeatures
 from dlmspec_vllm.drafters.dflash import (
     CONSOLIDATE_CHUNKS,
+    PROJECT_EVERY_STEPS,
     DFlashConfig,
     DFlashDrafter,
     DFlashNetwork,
@@ -121,6 +122,54 @@ def test_a_batch_of_steps_one_token_each_equals_from_scratch(parts):
         expected = direct_logits(parts, tokens[r], features[r], steps + 1, 3)
         torch.testing.assert_close(block.logits[row], expected)
     assert drafter.cached_tokens == 2 * (steps + 1)
+
+
+def test_features_are_projected_only_for_requests_that_draft_until_steps_pile_up(
+    parts, monkeypatch
+):
+    """A step's features cost nothing until a request drafts (its rows alone are projected)
+    or PROJECT_EVERY_STEPS steps wait (everyone's, in one pass)."""
+    drafter = make_drafter(parts)
+    projected: list[int] = []
+    network = drafter.network
+    original = network.context_keys_values
+
+    def counting(features, positions):
+        projected.append(features.shape[1])
+        return original(features, positions)
+
+    monkeypatch.setattr(network, "context_keys_values", counting)
+    requests = ("a", "b", "c")
+    features = {r: torch.randn(PROJECT_EVERY_STEPS + 1, FEATURES) for r in requests}
+    tokens = torch.randint(0, MASK, (PROJECT_EVERY_STEPS + 2,)).tolist()
+
+    def step(position: int) -> None:
+        batch = {
+            r: TargetFeatures(torch.tensor([position]), features[r][position : position + 1])
+            for r in requests
+        }
+        drafter.observe_step(StepFeatures.of_requests(batch))
+
+    for position in range(4):
+        step(position)
+    assert projected == []
+    early = drafter.draft([tokens[:5]], [2], req_ids=["a"])
+    assert projected == [4]  # a's four rows, nobody else's
+    for position in range(4, PROJECT_EVERY_STEPS):
+        step(position)
+    # The step that makes PROJECT_EVERY_STEPS wait takes everyone in: b's and c's sixteen
+    # rows each, a's twelve since its draft.
+    assert projected == [4, 2 * PROJECT_EVERY_STEPS + PROJECT_EVERY_STEPS - 4]
+    assert drafter.cached_tokens == 3 * PROJECT_EVERY_STEPS
+    step(PROJECT_EVERY_STEPS)
+    drafter.forget("c")
+    block = drafter.draft([tokens[:18], tokens[:18]], [2, 2], req_ids=["a", "b"])
+    assert projected[-1] == 2
+    monkeypatch.undo()
+    torch.testing.assert_close(early.logits[0], direct_logits(parts, tokens, features["a"], 4, 2))
+    for row, r in enumerate(("a", "b")):
+        expected = direct_logits(parts, tokens, features[r], PROJECT_EVERY_STEPS + 1, 2)
+        torch.testing.assert_close(block.logits[row], expected)
 
 
 def test_batched_rows_of_different_context_lengths_equal_each_alone(parts):

@@ -18,12 +18,14 @@ subset of the target's vocabulary so that the LM head reads far fewer bytes per 
 the full head of a 49k-token vocabulary costs more than the drafter's layers.
 
 Per request the drafter keeps the keys/values of the context features it has been shown
-(``observe_step``), each at its absolute position, so a step computes keys/values only for the
-tokens vLLM just accepted, for the whole batch in one projection. A request's keys/values are
-kept as the chunks of the steps that brought them (views into that step's projection) and joined
-only when it drafts or has gathered CONSOLIDATE_CHUNKS of them, so a request that does not draft
-costs a few tensor views per step. Features at a position it already holds replace the old ones
-and everything after them: those belonged to a draft the target rejected.
+(``observe_step``), each at its absolute position. A step's features are not projected when they
+arrive: the step is kept as it came (one tensor for the batch) and each request notes which of
+its rows are its own. Projection happens for the requests that draft, just before they draft,
+and for everyone once PROJECT_EVERY_STEPS steps are pending, in one pass over all their rows; so
+a request that does not draft costs a list append per step, and the steps kept are bounded.
+A request's keys/values are kept as chunks (views into a projection) and joined only when it
+drafts or has gathered CONSOLIDATE_CHUNKS of them. Features at a position it already holds
+replace the old ones and everything after them: those belonged to a draft the target rejected.
 """
 
 from __future__ import annotations
@@ -54,8 +56,11 @@ from dlmspec_vllm.drafters.transformer import RMSNorm, RotaryEmbedding, apply_ro
 ARCHITECTURE = "DFlashDraftModel"
 DRAFT_TO_TARGET = "d2t"
 # A request's context chunks are joined once it holds this many: a chunk is a view that keeps
-# its whole step's projection alive, so the count bounds what a request pins.
+# its whole projection alive, so the count bounds what a request pins.
 CONSOLIDATE_CHUNKS = 16
+# Steps whose features wait unprojected at most; then every request's pending rows are
+# projected together, and the steps' tensors are let go.
+PROJECT_EVERY_STEPS = 16
 
 
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> tuple[int, ...]:
@@ -335,6 +340,12 @@ class DFlashDrafter:
             self.head_weight = head_weight[self.draft_ids].contiguous()
         self._contexts: OrderedDict[str, _RequestContext] = OrderedDict()
         self._cached_tokens = 0
+        # Steps whose features some request has not taken in yet, by serial number: (hidden
+        # [n, F] where the target computed it, positions [n] on the CPU); and per request its
+        # rows there, as (serial, start, end), oldest first.
+        self._steps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pending: dict[str, list[tuple[int, int, int]]] = {}
+        self._next_serial = 0
 
     @classmethod
     def from_pretrained(
@@ -395,17 +406,20 @@ class DFlashDrafter:
 
     @property
     def num_cached_requests(self) -> int:
+        """Requests whose context is held, once every pending step is taken in."""
+        self._project(list(self._pending))
         return len(self._contexts)
 
     @property
     def cached_tokens(self) -> int:
+        """Context positions held, once every pending step is taken in."""
+        self._project(list(self._pending))
         return self._cached_tokens
 
     def observe(self, req_id: str, features: TargetFeatures) -> None:
         """observe_step for one request."""
         self.observe_step(StepFeatures.of_requests({req_id: features}))
 
-    @torch.inference_mode()
     def observe_step(self, features: StepFeatures) -> None:
         total = int(features.positions.numel())
         if total == 0:
@@ -419,45 +433,92 @@ class DFlashDrafter:
             )
         if not self.options.cache_enabled:
             return
-        positions = features.positions.to(device=self.device, dtype=torch.long).flatten()
-        hidden = features.hidden.to(device=self.device, dtype=self.dtype)
-        layer_kv = self.network.context_keys_values(hidden[None], positions[None])
+        serial = self._next_serial
+        self._next_serial += 1
+        self._steps[serial] = (features.hidden, features.positions.flatten())
+        pending = self._pending
+        start = 0
+        for req_id, count in zip(features.req_ids, features.counts):
+            rows = pending.get(req_id)
+            if rows is None:
+                pending[req_id] = [(serial, start, start + count)]
+            else:
+                rows.append((serial, start, start + count))
+            start += count
+        if len(self._steps) >= PROJECT_EVERY_STEPS:
+            self._project(list(pending))
+
+    @torch.inference_mode()
+    def _project(self, req_ids: Sequence[str]) -> None:
+        """Take in the pending rows of these requests: their keys/values in one projection,
+        appended to each request's context. The steps are let go once nobody waits on them
+        (observe_step sees to that every PROJECT_EVERY_STEPS steps)."""
+        wanted = [r for r in req_ids if r in self._pending]
+        if not wanted:
+            return
+        chunks = [self._pending.pop(r) for r in wanted]
+        steps = self._steps
+        # Views of only the wanted rows, joined once: a copy of what is projected, no more.
+        hidden = torch.cat([steps[serial][0][a:b] for rows in chunks for serial, a, b in rows])
+        positions = torch.cat([steps[serial][1][a:b] for rows in chunks for serial, a, b in rows])
+        layer_kv = self.network.context_keys_values(
+            hidden.to(device=self.device, dtype=self.dtype)[None],
+            positions.to(device=self.device)[None],
+        )
         keys = [k[0] for k, _ in layer_kv]
         values = [v[0] for _, v in layer_kv]
-        ends = torch.tensor(features.counts).cumsum(0)
-        bounds = features.positions.flatten().cpu()
-        firsts = bounds[ends - torch.tensor(features.counts)].tolist()
-        lasts = bounds[ends - 1].tolist()
-        limit = self.options.cache_max_tokens
-        layers = self.config.num_hidden_layers
+        positions_np = positions.numpy()
         start = 0
-        for req_id, count, first, last in zip(features.req_ids, features.counts, firsts, lasts):
-            end = start + count
-            entry = self._contexts.pop(req_id, None)
-            if entry is None:
-                entry = _RequestContext(layers)
-            else:
-                self._cached_tokens -= entry.length
-                if first <= entry.last:
-                    held = entry.joined()[0]
-                    entry.keep(int((held < first).sum()))
-            entry.append(
-                positions[start:end],
-                [k[:, start:end] for k in keys],
-                [v[:, start:end] for v in values],
-                last,
-            )
+        for req_id, rows in zip(wanted, chunks):
+            end = start + sum(b - a for _, a, b in rows)
+            held = positions_np[start:end]
+            if len(rows) == 1 or bool((held[1:] > held[:-1]).all()):
+                pieces = [(start, end)]
+            else:  # some step replaced positions an earlier one brought: take them in order
+                pieces, at = [], start
+                for _, a, b in rows:
+                    pieces.append((at, at + b - a))
+                    at += b - a
+            for a, b in pieces:
+                self._append(req_id, positions[a:b], keys, values, a, b)
             start = end
-            if entry.length > limit:
-                # Only the most recent context fits the budget: attend to that window.
-                entry.keep(limit, last=True)
-            while self._cached_tokens + entry.length > limit and self._contexts:
-                _, evicted = self._contexts.popitem(last=False)
-                self._cached_tokens -= evicted.length
-            self._contexts[req_id] = entry
-            self._cached_tokens += entry.length
+        if not self._pending:
+            steps.clear()
+
+    def _append(
+        self,
+        req_id: str,
+        positions: torch.Tensor,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        start: int,
+        end: int,
+    ) -> None:
+        """Rows start:end of a projection (increasing positions) join req_id's context."""
+        first, last = int(positions[0]), int(positions[-1])
+        entry = self._contexts.pop(req_id, None)
+        if entry is None:
+            entry = _RequestContext(self.config.num_hidden_layers)
+        else:
+            self._cached_tokens -= entry.length
+            if first <= entry.last:
+                held = entry.joined()[0]
+                entry.keep(int((held < first).sum()))
+        entry.append(
+            positions, [k[:, start:end] for k in keys], [v[:, start:end] for v in values], last
+        )
+        limit = self.options.cache_max_tokens
+        if entry.length > limit:
+            # Only the most recent context fits the budget: attend to that window.
+            entry.keep(limit, last=True)
+        while self._cached_tokens + entry.length > limit and self._contexts:
+            _, evicted = self._contexts.popitem(last=False)
+            self._cached_tokens -= evicted.length
+        self._contexts[req_id] = entry
+        self._cached_tokens += entry.length
 
     def forget(self, req_id: str) -> None:
+        self._pending.pop(req_id, None)
         entry = self._contexts.pop(req_id, None)
         if entry is not None:
             self._cached_tokens -= entry.length
@@ -474,6 +535,8 @@ class DFlashDrafter:
         (the token vLLM just sampled, then any tokens drafted since) and its masks fill the rest
         of ``block_size``. A request that asks for more than the block holds gets further
         passes, each block starting after the tokens the last one drafted (its argmax)."""
+        if req_ids is not None:
+            self._project([r for r, n in zip(req_ids, lengths) if n > 0])
         first = self._draft_one_pass(contexts, lengths, req_ids)
         remaining = [want - got for want, got in zip(lengths, first.lengths)]
         more = [i for i, n in enumerate(remaining) if n > 0 and first.lengths[i] > 0]
