@@ -178,6 +178,17 @@ def chunks(items: Sequence[str], size: int) -> list[list[str]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
+def batches_of_size(
+    prompts: Sequence[str], size: int, sampling: SamplingSettings, load: str
+) -> list[Batch]:
+    """What batch size `size` serves: with the closed-loop load one run keeping `size`
+    requests in flight; with the batches load, groups of `size` that each start together and
+    end with their slowest request."""
+    if load == "closed-loop":
+        return [Batch(prompts=list(prompts), sampling=sampling, chat=True, concurrency=size)]
+    return [Batch(prompts=chunk, sampling=sampling, chat=True) for chunk in chunks(prompts, size)]
+
+
 def engine_job(
     target: Path,
     speculative_config: dict | None,
@@ -190,9 +201,9 @@ def engine_job(
         temperature=0.0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos
     )
     batches = [
-        Batch(prompts=chunk, sampling=sampling, chat=True)
+        batch
         for size in args.batch_sizes
-        for chunk in chunks(prompts[size], size)
+        for batch in batches_of_size(prompts[size], size, sampling, args.load)
     ]
     engine = {
         "enforce_eager": True,
@@ -216,13 +227,14 @@ def engine_job(
 
 
 def split_by_batch_size(
-    result: EngineResult, sets: dict[int, list[str]]
+    result: EngineResult, sets: dict[int, list[str]], load: str
 ) -> dict[int, tuple[list[BatchResult], dict[str, Any] | None]]:
     """One engine's batches per batch size, with its proposer's figures over them."""
     split, index = {}, 0
     previous: dict[str, Any] | None = None
     for size, request_sets in sets.items():
-        batches = result.batches[index : index + math.ceil(len(request_sets) / size)]
+        count = 1 if load == "closed-loop" else math.ceil(len(request_sets) / size)
+        batches = result.batches[index : index + count]
         index += len(batches)
         report = batches[-1].proposers[0] if batches[-1].proposers else None
         split[size] = (batches, proposer_during(previous, report) if report else None)
@@ -230,12 +242,12 @@ def split_by_batch_size(
     return split
 
 
-def summarize(rounds: list[tuple[EngineResult, dict[int, list[str]]]]) -> list[dict]:
+def summarize(rounds: list[tuple[EngineResult, dict[int, list[str]]]], load: str) -> list[dict]:
     """Per batch size, over every round's engine: throughput and acceptance from vLLM's
     per-request metrics, also per prompt set (each round's sets: per batch size, each
     request's set, in request order), and with a dlm proposer its own time and counts."""
     rows = []
-    splits = [split_by_batch_size(result, sets) for result, sets in rounds]
+    splits = [split_by_batch_size(result, sets, load) for result, sets in rounds]
     for size in rounds[0][1]:
         batches = [b for split in splits for b in split[size][0]]
         request_sets = [s for _, sets in rounds for s in sets[size]]
@@ -381,6 +393,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="requests per batch size: max(N, batch), whole batches (0: every prompt)",
     )
     parser.add_argument(
+        "--load",
+        choices=("closed-loop", "batches"),
+        default="closed-loop",
+        help="closed-loop: batch size N keeps N requests in flight, a new one joining as one "
+        "ends (a server under N clients); batches: groups of N that start together and wait "
+        "for their slowest",
+    )
+    parser.add_argument(
         "--ignore-eos", action="store_true", help="every request writes --max-tokens tokens"
     )
     parser.add_argument(
@@ -471,6 +491,7 @@ def main(argv: list[str] | None = None) -> None:
             },
             "max_tokens": args.max_tokens,
             "ignore_eos": args.ignore_eos,
+            "load": args.load,
             "sampling": "greedy (temperature 0), chat template applied",
             "engine": engine_job(args.target, None, prompts[0], args).engine_kwargs,
             "omp_threads": args.threads,
@@ -515,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
             "engine_startup_seconds": [r.startup_seconds for r in runs],
             "engine_counters": [r.spec_decode for r in runs],
             "engine_accepted_per_position": [r.accepted_per_position for r in runs],
-            "by_batch_size": summarize(list(zip(runs, request_sets, strict=True))),
+            "by_batch_size": summarize(list(zip(runs, request_sets, strict=True)), args.load),
         }
     report["run_seconds"] = time.perf_counter() - started
     mark_lossless(report["configs"])

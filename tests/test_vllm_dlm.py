@@ -51,7 +51,11 @@ def with_dlm(tiny_pair):
         model=str(tiny_pair.target_dir),
         speculative_config=dlm_config(tiny_pair),
         engine_kwargs=ENGINE,
-        batches=[*greedy_batches(), sampled],
+        batches=[
+            *greedy_batches(),
+            sampled,
+            Batch(prompts=PROMPTS, sampling=GREEDY, concurrency=2),
+        ],
     )
     return run_in_subprocess(job)
 
@@ -60,6 +64,12 @@ def test_greedy_output_identical_at_batch_1_and_4(no_speculation, with_dlm):
     for expected, actual in zip(no_speculation.batches, with_dlm.batches[:2]):
         assert actual.token_ids == expected.token_ids
         assert all(len(tokens) > 0 for tokens in actual.token_ids)
+
+
+def test_greedy_output_identical_under_a_closed_loop_of_two_requests(no_speculation, with_dlm):
+    """Requests joining as others end (the benchmark's closed-loop load), outputs in prompt
+    order."""
+    assert with_dlm.batches[3].token_ids == no_speculation.batches[1].token_ids
 
 
 def test_spec_decode_counters_show_drafts_proposed_and_accepted(with_dlm):

@@ -35,13 +35,16 @@ class SamplingSettings(BaseModel):
 
 
 class Batch(BaseModel):
-    """Prompts generated together in one `LLM.generate` call."""
+    """Prompts generated together: all in one `LLM.generate` call, or with concurrency N as a
+    closed loop that keeps N requests in flight, a new one joining as soon as one finishes
+    (what a server under N concurrent clients sees)."""
 
     model_config = ConfigDict(extra="forbid")
 
     prompts: list[str]
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     chat: bool = False
+    concurrency: int | None = Field(default=None, ge=1)
 
 
 class EngineJob(BaseModel):
@@ -109,7 +112,10 @@ def run_job(job: EngineJob) -> EngineResult:
                 for p in batch.prompts
             ]
         t0 = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        if batch.concurrency is None:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+        else:
+            outputs = _generate_closed_loop(llm, prompts, params, batch.concurrency)
         seconds = time.perf_counter() - t0
         token_ids = [list(o.outputs[0].token_ids) for o in outputs]
         reports = _proposer_reports(llm) if job.report_proposer else []
@@ -138,6 +144,27 @@ def run_job(job: EngineJob) -> EngineResult:
         startup_seconds=startup,
         proposers=proposers,
     )
+
+
+def _generate_closed_loop(llm: Any, prompts: list[Any], params: Any, concurrency: int) -> list:
+    """Every prompt's output, in prompt order, with at most `concurrency` requests in flight."""
+    engine = llm.llm_engine
+    done: dict[int, Any] = {}
+    waiting = iter(range(len(prompts)))
+
+    def admit() -> None:
+        index = next(waiting, None)
+        if index is not None:
+            engine.add_request(f"closed-loop-{index}", prompts[index], params)
+
+    for _ in range(concurrency):
+        admit()
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                done[int(output.request_id.rsplit("-", 1)[1])] = output
+                admit()
+    return [done[i] for i in range(len(prompts))]
 
 
 def _proposer_reports(llm: Any) -> list[dict[str, Any] | None]:
