@@ -70,3 +70,34 @@ def test_both_runners_load_models_through_the_patched_aux_layer_setup():
         source = inspect.getsource(runner.load_model)
         assert source.index("self.drafter.load_model(") < source.index(f"self.{name}()")
     assert name not in vars(CPUModelRunner)
+
+
+@pytest.mark.parametrize(("drafts", "sampler"), [([[], []], "plain"), ([[5], []], "rejection")])
+def test_a_step_without_drafts_is_sampled_as_a_plain_step(drafts, sampler):
+    """vLLM would send it through the rejection sampler, which for zero drafts only calls the
+    plain sampler after copies and bookkeeping; a step with a draft still goes there."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from dlmspec_vllm.integration.model_runner import GPUModelRunnerPatch
+    from dlmspec_vllm.proposer import DlmProposer
+
+    if not GPUModelRunnerPatch.is_applied():
+        GPUModelRunnerPatch.apply()
+    calls = []
+    runner = SimpleNamespace(
+        drafter=DlmProposer.__new__(DlmProposer),
+        input_batch=SimpleNamespace(
+            sampling_metadata="sampling", update_async_output_token_ids=lambda: None
+        ),
+        sampler=lambda logits, sampling_metadata: calls.append("plain"),
+        rejection_sampler=lambda metadata, probs, logits, sampling: calls.append("rejection"),
+        use_async_scheduling=False,
+        _get_spec_decode_draft_probs=lambda metadata: None,
+    )
+    metadata = SpecDecodeMetadata.make_dummy(drafts, device=torch.device("cpu"))
+    GPUModelRunner._sample(runner, torch.zeros(2, 8), metadata)
+    assert calls == [sampler]
