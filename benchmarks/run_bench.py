@@ -151,17 +151,21 @@ def load_prompts(path: Path, sets: Sequence[str], per_set: int) -> list[dict[str
 
 
 def requests_per_round(
-    records: list[dict[str, str]], batch_sizes: Sequence[int], min_requests: int, rounds: int
+    records: list[dict[str, str]],
+    batch_sizes: Sequence[int],
+    min_requests: int,
+    rounds: int,
+    waves: int = 1,
 ) -> list[dict[int, list[dict[str, str]]]]:
     """Per round, the records each batch size serves. With min_requests 0: every record, in
-    every round. Otherwise each round serves max(min_requests / rounds, batch) of them, rounded
+    every round. Otherwise each round serves max(min_requests / rounds, waves * batch), rounded
     up to whole batches, taken from where the last round stopped (from the front again once all
     were served)."""
     if min_requests <= 0:
         return [{size: records for size in batch_sizes} for _ in range(rounds)]
     chosen: list[dict[int, list[dict[str, str]]]] = [{} for _ in range(rounds)]
     for size in batch_sizes:
-        wanted = math.ceil(max(math.ceil(min_requests / rounds), size) / size) * size
+        wanted = math.ceil(max(math.ceil(min_requests / rounds), waves * size) / size) * size
         if wanted > len(records):
             raise SystemExit(
                 f"batch size {size} needs {wanted} prompts, the chosen sets hold {len(records)}: "
@@ -393,6 +397,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="requests per batch size: max(N, batch), whole batches (0: every prompt)",
     )
     parser.add_argument(
+        "--waves",
+        type=int,
+        default=1,
+        help="with --min-requests: each batch size serves at least this many times its size "
+        "per round, so a closed loop reaches its steady state",
+    )
+    parser.add_argument(
         "--load",
         choices=("closed-loop", "batches"),
         default="closed-loop",
@@ -437,6 +448,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_reference_harness(reference_src: Path) -> None:
+    """The reference's engine runs through its own offline_run module (it lives in the
+    package): it must be this checkout's, so both sides are driven alike."""
+    import dlmspec_vllm.offline_run as ours
+
+    theirs = reference_src / "dlmspec_vllm" / "offline_run.py"
+    if not theirs.is_file() or theirs.read_text() != Path(ours.__file__).read_text():
+        raise SystemExit(
+            f"{theirs} is not this checkout's offline_run.py: copy it there "
+            f"(cp {ours.__file__} {theirs}) so the reference is driven as this code is"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     ar_dir = args.work_dir / f"{args.target.resolve().name}-first{args.ar_layers}"
@@ -444,6 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.list:
         print("\n".join(configs))
         return
+    if args.reference_src is not None:
+        check_reference_harness(args.reference_src)
     chosen = [BASELINE] + [
         c for c in (args.configs.split(",") if args.configs else configs) if c != BASELINE
     ]
@@ -460,7 +486,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         truncate_target(args.target, ar_dir, layers=args.ar_layers)
     records = load_prompts(args.prompts, args.sets, args.prompts_per_set)
-    served = requests_per_round(records, args.batch_sizes, args.min_requests, args.rounds)
+    served = requests_per_round(
+        records, args.batch_sizes, args.min_requests, args.rounds, args.waves
+    )
     prompts = [{size: [r["prompt"] for r in chosen] for size, chosen in s.items()} for s in served]
     request_sets = [
         {size: [r["set"] for r in chosen] for size, chosen in s.items()} for s in served
@@ -492,6 +520,7 @@ def main(argv: list[str] | None = None) -> None:
             "max_tokens": args.max_tokens,
             "ignore_eos": args.ignore_eos,
             "load": args.load,
+            "waves": args.waves,
             "sampling": "greedy (temperature 0), chat template applied",
             "engine": engine_job(args.target, None, prompts[0], args).engine_kwargs,
             "omp_threads": args.threads,
@@ -509,7 +538,11 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             print(f"[{name}] round {round_index + 1}: starting engine ...", flush=True)
             job = engine_job(args.target, configs[name], prompts[round_index], args)
-            env = {"PYTHONPATH": str(args.reference_src)} if name.endswith(REFERENCE) else None
+            env = None
+            if name.endswith(REFERENCE):
+                # An older proposer's report has other fields: its figures are vLLM's alone.
+                job = job.model_copy(update={"report_proposer": False})
+                env = {"PYTHONPATH": str(args.reference_src)}
             try:
                 result = run_in_subprocess(
                     job, threads=args.threads, timeout=args.timeout, extra_env=env
