@@ -160,13 +160,13 @@ def requests_per_round(
     """Per round, the records each batch size serves. With min_requests 0: every record, in
     every round. Otherwise each round serves max(min_requests / rounds, waves * batch), rounded
     up to whole batches, taken from where the last round stopped (from the front again once all
-    were served)."""
+    were served, so with waves a round may serve a prompt twice, never in one batch)."""
     if min_requests <= 0:
         return [{size: records for size in batch_sizes} for _ in range(rounds)]
     chosen: list[dict[int, list[dict[str, str]]]] = [{} for _ in range(rounds)]
     for size in batch_sizes:
         wanted = math.ceil(max(math.ceil(min_requests / rounds), waves * size) / size) * size
-        if wanted > len(records):
+        if wanted > len(records) and (waves == 1 or size > len(records)):
             raise SystemExit(
                 f"batch size {size} needs {wanted} prompts, the chosen sets hold {len(records)}: "
                 "raise --prompts-per-set or lower --min-requests"
