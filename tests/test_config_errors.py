@@ -160,13 +160,54 @@ def test_custom_class_settings_come_from_the_environment(monkeypatch, tiny_pair)
     assert DlmSpeculativeConfig.from_environment(4).num_speculative_tokens == 4
 
 
-def test_forcing_the_v2_model_runner_is_refused(monkeypatch, tiny_pair):
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with pytest.raises(DlmConfigError, match="V1 model runner.*VLLM_USE_V2_MODEL_RUNNER"):
+@pytest.mark.parametrize("value", ["1", "2", "01"])
+def test_forcing_the_v2_model_runner_is_refused_in_every_spelling(monkeypatch, tiny_pair, value):
+    """vLLM reads the variable with int(): whatever it takes as V2 is refused."""
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", value)
+    with pytest.raises(DlmConfigError, match=f"V1 model runner.*VLLM_USE_V2_MODEL_RUNNER={value}"):
         build_config(tiny_pair, dlm(tiny_pair))
 
 
-@pytest.mark.parametrize("speculative", ["dlm", "custom_class"])
+def test_a_v2_runner_setting_vllm_cannot_read_is_named(monkeypatch, tiny_pair):
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "true")
+    with pytest.raises(DlmConfigError, match="VLLM_USE_V2_MODEL_RUNNER='true' is not an integer"):
+        build_config(tiny_pair, dlm(tiny_pair))
+
+
+@pytest.mark.parametrize("value", ["0", "00"])
+def test_the_v1_model_runner_asked_for_explicitly_is_accepted(monkeypatch, tiny_pair, value):
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", value)
+    assert build_config(tiny_pair, dlm(tiny_pair)).speculative_config.method == "custom_class"
+
+
+def test_watermarking_which_makes_vllm_pick_the_v2_runner_is_refused(tiny_pair):
+    with pytest.raises(DlmConfigError, match="--watermark-config makes vLLM use its V2"):
+        build_config(tiny_pair, dlm(tiny_pair), watermark_config={"key": 1})
+
+
+def test_the_short_flags_build_a_dlm_config(tiny_pair):
+    from dlmspec_vllm.integration.speculative_config import attached_settings
+
+    config = build_config(
+        tiny_pair, None, spec_method="dlm", spec_model=str(tiny_pair.drafter_dir), spec_tokens=3
+    )
+    settings = attached_settings(config.speculative_config)
+    assert settings.draft_model == str(tiny_pair.drafter_dir)
+    assert settings.num_speculative_tokens == config.speculative_config.num_speculative_tokens == 3
+    # Beside a dlm JSON, a flag fills what the JSON leaves out.
+    partial = {"method": "dlm", "draft_model": str(tiny_pair.drafter_dir)}
+    config = build_config(tiny_pair, partial, spec_tokens=5)
+    assert attached_settings(config.speculative_config).num_speculative_tokens == 5
+
+
+def test_a_short_flag_and_the_same_setting_in_the_json_are_refused_together(tiny_pair):
+    with pytest.raises(DlmConfigError, match="--spec-tokens and --speculative-config's"):
+        build_config(tiny_pair, dlm(tiny_pair), spec_tokens=5)
+    with pytest.raises(DlmConfigError, match="--spec-model and .*'draft_model'"):
+        build_config(tiny_pair, dlm(tiny_pair), spec_model="elsewhere")
+
+
+@pytest.mark.parametrize("speculative", ["dlm", "custom_class", "custom_class flags"])
 def test_pipeline_parallelism_is_refused_naming_the_setting_and_the_fix(
     monkeypatch, tiny_pair, speculative
 ):
@@ -183,8 +224,12 @@ def test_pipeline_parallelism_is_refused_naming_the_setting_and_the_fix(
             "model": "dlmspec_vllm.proposer.DlmProposer",
             "num_speculative_tokens": 4,
         }
+    flags = {}
+    if speculative == "custom_class flags":
+        spec, flags = None, {"spec_method": "custom_class", "spec_model": spec["model"]}
+        flags["spec_tokens"] = 4
     with pytest.raises(DlmConfigError) as refused:
-        build_config(tiny_pair, spec, pipeline_parallel_size=2)
+        build_config(tiny_pair, spec, pipeline_parallel_size=2, **flags)
     message = str(refused.value)
     assert "pipeline_parallel_size=2" in message
     assert "--pipeline-parallel-size 1" in message

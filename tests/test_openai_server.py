@@ -12,6 +12,7 @@ import time
 
 import pytest
 import requests
+from fixtures.metrics_text import series
 
 from dlmspec_vllm.offline_run import (
     Batch,
@@ -129,3 +130,40 @@ def test_metrics_show_spec_decode_counters(server):
     assert counter("vllm:spec_decode_num_drafts") > 0
     assert counter("vllm:spec_decode_num_draft_tokens") > 0
     assert counter("vllm:spec_decode_num_accepted_tokens") > 0
+
+
+def test_the_methods_own_series_count_what_vllm_verified(server):
+    """The dlmspec: series are made in the worker process and served by the API server: their
+    totals equal vLLM's own spec-decode counters, split by draft source."""
+    from dlmspec_vllm.integration.metrics import PUBLISH_INTERVAL_SECONDS
+
+    for prompt in ("import ", PROMPT, "class Stack:\n    def push(self, item):\n        "):
+        reply = requests.post(
+            f"{server}/v1/completions",
+            json={"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0},
+            timeout=60,
+        )
+        assert reply.status_code == 200, reply.text
+    time.sleep(3 * PUBLISH_INTERVAL_SECONDS)
+    metrics = requests.get(f"{server}/metrics", timeout=10).text
+
+    def total(name: str, **labels: str) -> float:
+        found = series(metrics, name, **labels)
+        assert found, f"{name} {labels} missing from /metrics"
+        return sum(found)
+
+    assert total("dlmspec:draft_tokens_total") == total("vllm:spec_decode_num_draft_tokens_total")
+    assert total("dlmspec:accepted_tokens_total") == total(
+        "vllm:spec_decode_num_accepted_tokens_total"
+    )
+    assert total("dlmspec:drafted_request_steps_total") == total(
+        "vllm:spec_decode_num_drafts_total"
+    )
+    assert total("dlmspec:drafted_request_steps_total", source="drafter", engine="0") > 0
+    assert total("dlmspec:draft_tokens_total", source="copied") == 0  # context lookup is off
+    steps = total("dlmspec:drafter_seconds_count")
+    assert 0 < steps == total("dlmspec:drafter_seconds_bucket", le="+Inf")
+    assert total("dlmspec:drafter_seconds_sum") > 0
+    assert total("dlmspec:drafter_failures_total") == 0
+    assert total("dlmspec:undrafted_request_steps_total") >= 0
+    assert 0 <= total("dlmspec:tracked_requests") <= 1  # the last request ends in a next step

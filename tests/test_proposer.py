@@ -54,7 +54,11 @@ def make_proposer(**settings) -> tuple[DlmProposer, ScriptedDrafter]:
         get_vocab_size=lambda: VOCAB,
     )
     proposer = DlmProposer(
-        SimpleNamespace(speculative_config=speculative_config, model_config=model_config)
+        SimpleNamespace(
+            speculative_config=speculative_config,
+            model_config=model_config,
+            parallel_config=SimpleNamespace(data_parallel_index=0),
+        )
     )
     proposer.drafter = drafter = ScriptedDrafter()
     return proposer, drafter
@@ -210,6 +214,7 @@ def test_the_never_drafting_setting_never_calls_the_drafter_nor_keeps_state():
     assert drafter.calls == []
     assert proposer.num_tracked_requests == 0
     assert proposer.report()["drafting_steps"] == 0
+    assert proposer.metrics()["undrafted_request_steps"] == 10  # 5 steps of 2 requests
 
 
 def test_only_steps_that_continue_a_request_are_timed_for_the_controllers():
@@ -238,3 +243,31 @@ def test_a_step_that_also_prefills_a_joining_request_is_not_timed():
     assert samples.samples == 1
     step(proposer, {"a": [1, 2, 3, 4], "b": [7, 7, 7, 8]}, {"a": [4], "b": [8]})
     assert samples.samples == 2
+
+
+def test_the_metrics_count_what_vllm_verified_by_source():
+    proposer, _ = make_proposer(
+        num_speculative_tokens=4, context_lookup=True, controller={"name": "fixed", "k": 2}
+    )
+    repeating = [4, 9, 11, 12, 13, 4, 9]
+    # "a" repeats itself (a copied draft, 11 12); "b" does not (the drafter's, 3 4).
+    assert step(proposer, {"a": repeating, "b": [1, 2]}, {"a": [9], "b": [2]}) == [
+        [11, 12],
+        [3, 4],
+    ]
+    step(
+        proposer,
+        {"a": repeating + [11, 12, 13], "b": [1, 2, 3, 7]},
+        {"a": [11, 12, 13], "b": [3, 7]},
+        scheduled={"a": 2, "b": 2},
+    )
+    metrics = proposer.metrics()
+    assert metrics["by_source"] == {
+        "copied": {"draft_tokens": 2, "drafted_request_steps": 1, "accepted_tokens": 2},
+        "drafter": {"draft_tokens": 2, "drafted_request_steps": 1, "accepted_tokens": 1},
+    }
+    assert metrics["undrafted_request_steps"] == 0
+    assert metrics["drafter_failures"] == 0
+    # The drafter ran in both steps (for "b"): two steps in the histogram of its seconds.
+    assert sum(metrics["drafter_seconds"]["counts"]) == 2
+    assert metrics["tracked_requests"] == 2

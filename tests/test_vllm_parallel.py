@@ -17,7 +17,9 @@ import time
 
 import pytest
 import requests
+from fixtures.metrics_text import series
 
+from dlmspec_vllm.integration.metrics import PUBLISH_INTERVAL_SECONDS
 from dlmspec_vllm.offline_run import (
     Batch,
     EngineJob,
@@ -136,6 +138,7 @@ def test_data_parallel_replicas_are_lossless_and_each_drafts(tiny_pair, tmp_path
                 )
                 assert reply.status_code == 200, reply.text
                 texts[replica, prompt] = reply.json()["choices"][0]["text"]
+        time.sleep(3 * PUBLISH_INTERVAL_SECONDS)  # each engine's counters reach the server
         metrics = requests.get(f"{base}/metrics", timeout=10).text
     finally:
         process.terminate()
@@ -156,3 +159,8 @@ def test_data_parallel_replicas_are_lossless_and_each_drafts(tiny_pair, tmp_path
         assert [texts[replica, p] for p in PROMPTS] == reference.batches[0].texts, replica
         assert spec_counter(metrics, "vllm:spec_decode_num_drafts", replica) > 0
         assert spec_counter(metrics, "vllm:spec_decode_num_accepted_tokens", replica) > 0
+        # The method's own series, one per engine, each counting what that engine verified.
+        ours = sum(series(metrics, "dlmspec:accepted_tokens_total", engine=replica))
+        assert ours == spec_counter(metrics, "vllm:spec_decode_num_accepted_tokens", replica)
+        drafts = sum(series(metrics, "dlmspec:drafted_request_steps_total", engine=replica))
+        assert drafts == spec_counter(metrics, "vllm:spec_decode_num_drafts", replica)

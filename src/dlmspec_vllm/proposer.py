@@ -18,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, cast
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from dlmspec_vllm.drafters.base import (
 from dlmspec_vllm.drafters.context_lookup import context_continuations
 from dlmspec_vllm.drafters.loading import load_drafter, resolve_checkpoint_dir
 from dlmspec_vllm.lattice.chooser import PathChooser
+
+if TYPE_CHECKING:
+    from dlmspec_vllm.integration.metrics import MetricsPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +87,24 @@ class _Drafting:
 class _Source:
     """A draft source and the controller deciding its lengths, with this step's cost."""
 
+    name: str  # "drafter" or "copied", as the metrics and the report name it
     controller: LengthController
     seconds: float = 0.0
     drafted_tokens: int = 0
+
+
+# Upper bounds (seconds) of the drafter-seconds-per-step histogram's buckets.
+DRAFTER_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass
+class SourceCounts:
+    """What vLLM verified of one draft source's drafts, and accepted, since the engine started
+    (counted as vLLM counts them: a draft sent with a request's last token is never verified)."""
+
+    draft_tokens: int = 0
+    drafted_request_steps: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass
@@ -103,8 +122,13 @@ class ProposerStats:
 
     def __init__(self, *, draft_digest: bool) -> None:
         self.failed_draft_steps = 0
-        self.copied_draft_steps = 0
-        self.copied_accepted_tokens = 0
+        self.by_source = {"drafter": SourceCounts(), "copied": SourceCounts()}
+        # Request-steps of decoding requests that no source drafted for (its controller chose
+        # not to), steps whose drafter failed aside.
+        self.undrafted_request_steps = 0
+        # Per DRAFTER_SECONDS_BUCKETS bound (and one past the last), the steps whose drafter
+        # passes took at most that long.
+        self.drafter_seconds_counts = [0] * (len(DRAFTER_SECONDS_BUCKETS) + 1)
         self.steps = 0
         self.drafting_steps = 0
         # Seconds of propose() with drafts, and of the drafter's forward passes inside them.
@@ -124,6 +148,8 @@ class ProposerStats:
         self.drafting_steps += 1
         self.drafting_step_seconds += seconds
         self.drafter_seconds += drafter
+        if drafter > 0:
+            self.drafter_seconds_counts[bisect_left(DRAFTER_SECONDS_BUCKETS, drafter)] += 1
         self.recent_step_lengths.append(sent)
         if self._digest is not None:
             self._digest.update(repr(drafts).encode())
@@ -133,12 +159,35 @@ class ProposerStats:
         if self.failed_draft_steps == 1:
             logger.exception("dlm drafter failed; drafting nothing this step (logged once)")
 
+    @property
+    def copied_draft_steps(self) -> int:
+        return self.by_source["copied"].drafted_request_steps
+
+    def record_verified(self, source: str, drafted: int, accepted: int) -> None:
+        counts = self.by_source[source]
+        counts.draft_tokens += drafted
+        counts.drafted_request_steps += 1
+        counts.accepted_tokens += accepted
+
+    def metrics(self) -> dict[str, Any]:
+        """The counters the method's Prometheus series are made of (integration/metrics.py)."""
+        return {
+            "by_source": {name: asdict(counts) for name, counts in self.by_source.items()},
+            "undrafted_request_steps": self.undrafted_request_steps,
+            "drafter_failures": self.failed_draft_steps,
+            "drafter_seconds": {
+                "bounds": list(DRAFTER_SECONDS_BUCKETS),
+                "counts": list(self.drafter_seconds_counts),
+                "sum": self.drafter_seconds,
+            },
+        }
+
     def as_dict(self) -> dict[str, Any]:
         steps = max(1, self.drafting_steps)
         return {
             "failed_draft_steps": self.failed_draft_steps,
             "copied_draft_steps": self.copied_draft_steps,
-            "copied_accepted_tokens": self.copied_accepted_tokens,
+            "copied_accepted_tokens": self.by_source["copied"].accepted_tokens,
             "steps": self.steps,
             "drafting_steps": self.drafting_steps,
             "drafting_step_seconds": self.drafting_step_seconds,
@@ -178,12 +227,18 @@ class DlmProposer:
     own measured acceptance and the step's measured cost, like the drafter's."""
 
     def __init__(self, vllm_config: Any) -> None:
+        from dlmspec_vllm.integration.metrics import metrics_dir
         from dlmspec_vllm.integration.speculative_config import attached_settings
 
         speculative_config = vllm_config.speculative_config
         self.settings = attached_settings(speculative_config) or (
             DlmSpeculativeConfig.from_environment(speculative_config.num_speculative_tokens)
         )
+        self._metrics_dir = metrics_dir(speculative_config)
+        # vLLM resets data_parallel_rank to 0 in an independent (non-MoE) replica; the index
+        # keeps which replica this is, as vLLM's own metrics label it.
+        self._engine_index: int = vllm_config.parallel_config.data_parallel_index
+        self._metrics: MetricsPublisher | None = None
         model_config = vllm_config.model_config
         self.max_model_len: int = model_config.max_model_len
         self.target_vocab_size: int = model_config.get_vocab_size()
@@ -192,9 +247,9 @@ class DlmProposer:
         self.target_tokenizer: str = model_config.tokenizer
         self.target_path: str = model_config.model
         k = self.settings.num_speculative_tokens
-        self._drafter_source = _Source(self.settings.controller.build(k))
+        self._drafter_source = _Source("drafter", self.settings.controller.build(k))
         self._copied_source = (
-            _Source(self.settings.controller.build(k))
+            _Source("copied", self.settings.controller.build(k))
             if self.settings.context_lookup.enabled
             else None
         )
@@ -237,6 +292,7 @@ class DlmProposer:
             target_tokenizer=self.target_tokenizer,
             target_dir=self.target_path,
         )
+        self._publish_metrics()
         logger.info(
             "dlm drafter %s loaded on %s (%s); controller %s, at most %d draft tokens per step",
             self.settings.draft_model,
@@ -245,6 +301,27 @@ class DlmProposer:
             self.settings.controller.name,
             self.settings.num_speculative_tokens,
         )
+
+    def _publish_metrics(self) -> None:
+        """Tensor-parallel rank 0 of each engine publishes its counters for /metrics (every
+        rank proposes alike, so one speaks for the engine)."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        from dlmspec_vllm.integration.metrics import MetricsPublisher
+
+        if self._metrics_dir is None or get_tensor_model_parallel_rank() != 0:
+            return
+        self._metrics = MetricsPublisher(
+            self._metrics_dir / f"engine-{self._engine_index}.json", self.metrics
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        """This engine's counters, as the Prometheus collector reads them."""
+        return {
+            "engine": self._engine_index,
+            "tracked_requests": self.num_tracked_requests,
+            **self.stats.metrics(),
+        }
 
     @property
     def target_layer_ids(self) -> tuple[int, ...] | None:
@@ -401,7 +478,8 @@ class DlmProposer:
         except Exception:
             # A failed draft must not fail the requests: this step simply has no drafts.
             self.stats.record_failure()
-            pending = []
+            source.seconds = time.perf_counter() - started
+            return 0.0
         for request in pending:
             keep = source.controller.clip(request.req_id, request.confidences)
             drafts[request.row] = request.tokens[:keep]
@@ -409,6 +487,7 @@ class DlmProposer:
             state.source = source if keep else None
             state.generated = _length_before_eos(request.tokens, self.eos_token_ids)
             source.drafted_tokens += keep
+        self.stats.undrafted_request_steps += sum(1 for row in rows if not drafts[row])
         source.seconds = time.perf_counter() - started
         return drafter_seconds
 
@@ -487,9 +566,7 @@ class DlmProposer:
             if not scheduled or not sampled:
                 continue
             accepted = min(len(sampled) - 1, scheduled)
-            if source is self._copied_source:
-                self.stats.copied_draft_steps += 1
-                self.stats.copied_accepted_tokens += accepted
+            self.stats.record_verified(source.name, scheduled, accepted)
             source.controller.observe(req_id, scheduled, accepted, state.generated)
             verified += scheduled
         return verified
