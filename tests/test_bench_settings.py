@@ -1,0 +1,34 @@
+"""The benchmark's engine settings are parameters, with this machine's CPU values as defaults,
+so the same benchmark runs with CUDA graphs and bfloat16 on a GPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import run_bench  # noqa: E402
+
+from dlmspec_vllm.offline_run import engine_env  # noqa: E402
+
+
+def engine_of(*flags: str) -> dict:
+    args = run_bench.parse_args(["--target", "T", "--name", "n", "--batch-sizes", "1", *flags])
+    return run_bench.engine_job(Path("T"), None, {1: ["a prompt"]}, args).engine_kwargs
+
+
+def test_cpu_defaults_and_gpu_settings():
+    assert engine_of()["enforce_eager"] is True and engine_of()["dtype"] == "float32"
+    gpu = engine_of("--no-enforce-eager", "--dtype", "bfloat16", "--device", "cuda")
+    assert gpu["enforce_eager"] is False and gpu["dtype"] == "bfloat16"
+
+
+def test_only_a_cpu_engine_gets_vllm_cpus_environment(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpu = engine_env(threads=2)
+    assert cpu["VLLM_CPU_KVCACHE_SPACE"] == "1" and cpu["OMP_NUM_THREADS"] == "2"
+    cuda = engine_env(threads=2, device="cuda")
+    assert "VLLM_CPU_KVCACHE_SPACE" not in cuda and "OMP_NUM_THREADS" not in cuda
+    assert cuda["HF_HUB_OFFLINE"] == "1"
