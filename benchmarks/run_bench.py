@@ -177,20 +177,24 @@ def requests_per_round(
     return chosen
 
 
-def chunks(items: Sequence[str], size: int) -> list[list[str]]:
-    """Consecutive groups of ``size`` (the last may be smaller): one generate call each."""
+def groups(items: Sequence[str], size: int, load: str) -> list[list[str]]:
+    """How batch size `size` serves its requests, one engine Batch per group: with the
+    closed-loop load all in one run keeping `size` in flight; with the batches load,
+    consecutive groups of `size` (the last may be smaller) that each start together and end
+    with their slowest request."""
+    if load == "closed-loop":
+        return [list(items)]
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
 def batches_of_size(
     prompts: Sequence[str], size: int, sampling: SamplingSettings, load: str
 ) -> list[Batch]:
-    """What batch size `size` serves: with the closed-loop load one run keeping `size`
-    requests in flight; with the batches load, groups of `size` that each start together and
-    end with their slowest request."""
-    if load == "closed-loop":
-        return [Batch(prompts=list(prompts), sampling=sampling, chat=True, concurrency=size)]
-    return [Batch(prompts=chunk, sampling=sampling, chat=True) for chunk in chunks(prompts, size)]
+    concurrency = size if load == "closed-loop" else None
+    return [
+        Batch(prompts=group, sampling=sampling, chat=True, concurrency=concurrency)
+        for group in groups(prompts, size, load)
+    ]
 
 
 def engine_job(
@@ -237,8 +241,7 @@ def split_by_batch_size(
     split, index = {}, 0
     previous: dict[str, Any] | None = None
     for size, request_sets in sets.items():
-        count = 1 if load == "closed-loop" else math.ceil(len(request_sets) / size)
-        batches = result.batches[index : index + count]
+        batches = result.batches[index : index + len(groups(request_sets, size, load))]
         index += len(batches)
         report = batches[-1].proposers[0] if batches[-1].proposers else None
         split[size] = (batches, proposer_during(previous, report) if report else None)

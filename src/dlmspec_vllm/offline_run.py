@@ -149,22 +149,23 @@ def run_job(job: EngineJob) -> EngineResult:
 def _generate_closed_loop(llm: Any, prompts: list[Any], params: Any, concurrency: int) -> list:
     """Every prompt's output, in prompt order, with at most `concurrency` requests in flight."""
     engine = llm.llm_engine
-    done: dict[int, Any] = {}
-    waiting = iter(range(len(prompts)))
+    request_ids = [f"closed-loop-{index}" for index in range(len(prompts))]
+    waiting = iter(zip(request_ids, prompts))
+    done: dict[str, Any] = {}
 
     def admit() -> None:
-        index = next(waiting, None)
-        if index is not None:
-            engine.add_request(f"closed-loop-{index}", prompts[index], params)
+        request = next(waiting, None)
+        if request is not None:
+            engine.add_request(*request, params)
 
     for _ in range(concurrency):
         admit()
     while engine.has_unfinished_requests():
         for output in engine.step():
             if output.finished:
-                done[int(output.request_id.rsplit("-", 1)[1])] = output
+                done[output.request_id] = output
                 admit()
-    return [done[i] for i in range(len(prompts))]
+    return [done[request_id] for request_id in request_ids]
 
 
 def _proposer_reports(llm: Any) -> list[dict[str, Any] | None]:

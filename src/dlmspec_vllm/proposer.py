@@ -49,6 +49,9 @@ RECENT_STEPS = 256
 LOG_INTERVAL_SECONDS = 10.0
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The draft sources, as the report and the metrics name them.
+DRAFTER = "drafter"
+COPIED = "copied"
 
 
 @dataclass
@@ -87,7 +90,7 @@ class _Drafting:
 class _Source:
     """A draft source and the controller deciding its lengths, with this step's cost."""
 
-    name: str  # "drafter" or "copied", as the metrics and the report name it
+    name: str  # DRAFTER or COPIED
     controller: LengthController
     seconds: float = 0.0
     drafted_tokens: int = 0
@@ -122,7 +125,7 @@ class ProposerStats:
 
     def __init__(self, *, draft_digest: bool) -> None:
         self.failed_draft_steps = 0
-        self.by_source = {"drafter": SourceCounts(), "copied": SourceCounts()}
+        self.by_source = {DRAFTER: SourceCounts(), COPIED: SourceCounts()}
         # Request-steps of decoding requests that no source drafted for (its controller chose
         # not to), steps whose drafter failed aside.
         self.undrafted_request_steps = 0
@@ -161,7 +164,7 @@ class ProposerStats:
 
     @property
     def copied_draft_steps(self) -> int:
-        return self.by_source["copied"].drafted_request_steps
+        return self.by_source[COPIED].drafted_request_steps
 
     def record_verified(self, source: str, drafted: int, accepted: int) -> None:
         counts = self.by_source[source]
@@ -187,7 +190,7 @@ class ProposerStats:
         return {
             "failed_draft_steps": self.failed_draft_steps,
             "copied_draft_steps": self.copied_draft_steps,
-            "copied_accepted_tokens": self.by_source["copied"].accepted_tokens,
+            "copied_accepted_tokens": self.by_source[COPIED].accepted_tokens,
             "steps": self.steps,
             "drafting_steps": self.drafting_steps,
             "drafting_step_seconds": self.drafting_step_seconds,
@@ -247,9 +250,9 @@ class DlmProposer:
         self.target_tokenizer: str = model_config.tokenizer
         self.target_path: str = model_config.model
         k = self.settings.num_speculative_tokens
-        self._drafter_source = _Source("drafter", self.settings.controller.build(k))
+        self._drafter_source = _Source(DRAFTER, self.settings.controller.build(k))
         self._copied_source = (
-            _Source("copied", self.settings.controller.build(k))
+            _Source(COPIED, self.settings.controller.build(k))
             if self.settings.context_lookup.enabled
             else None
         )

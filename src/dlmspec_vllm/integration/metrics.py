@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 METRICS_DIR_ATTRIBUTE = "dlmspec_metrics_dir"
 PUBLISH_INTERVAL_SECONDS = 0.5
-SOURCES = ("drafter", "copied")
 
 
 def attach_metrics_dir(speculative_config: Any) -> None:
@@ -150,8 +149,7 @@ class DlmMetricsCollector:
             except (OSError, ValueError):
                 continue  # being replaced right now: the next scrape reads it
             engine = str(counters["engine"])
-            for source in SOURCES:
-                counts = counters["by_source"][source]
+            for source, counts in counters["by_source"].items():
                 families["drafted"].add_metric([engine, source], counts["draft_tokens"])
                 families["steps"].add_metric([engine, source], counts["drafted_request_steps"])
                 families["accepted"].add_metric([engine, source], counts["accepted_tokens"])
