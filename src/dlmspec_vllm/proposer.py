@@ -306,17 +306,13 @@ class DlmProposer:
         )
 
     def _publish_metrics(self) -> None:
-        """Tensor-parallel rank 0 of each engine publishes its counters for /metrics (every
-        rank proposes alike, so one speaks for the engine)."""
-        from vllm.distributed import get_tensor_model_parallel_rank
+        """Publish this engine's counters for /metrics, where vLLM's config asks for them."""
+        from dlmspec_vllm.integration.metrics import publish_for_this_engine
 
-        from dlmspec_vllm.integration.metrics import MetricsPublisher
-
-        if self._metrics_dir is None or get_tensor_model_parallel_rank() != 0:
-            return
-        self._metrics = MetricsPublisher(
-            self._metrics_dir / f"engine-{self._engine_index}.json", self.metrics
-        )
+        if self._metrics_dir is not None:
+            self._metrics = publish_for_this_engine(
+                self._metrics_dir, self._engine_index, self.metrics
+            )
 
     def metrics(self) -> dict[str, Any]:
         """This engine's counters, as the Prometheus collector reads them."""

@@ -102,6 +102,18 @@ class MetricsPublisher:
         self._thread.join(timeout=5)
 
 
+def publish_for_this_engine(
+    directory: Path, engine_index: int, snapshot: Callable[[], dict[str, Any]]
+) -> MetricsPublisher | None:
+    """Start publishing this engine's counters, on tensor-parallel rank 0 only: every rank
+    proposes alike, so one speaks for the engine."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    if get_tensor_model_parallel_rank() != 0:
+        return None
+    return MetricsPublisher(directory / f"engine-{engine_index}.json", snapshot)
+
+
 class DlmMetricsCollector:
     """The dlmspec: series of every engine whose counters are in the directory."""
 
