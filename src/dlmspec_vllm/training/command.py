@@ -14,9 +14,13 @@ of state, so ``--resume`` continues exactly where a stopped run left off.
 
 ``--kind dflash``: a DFlash block drafter of ``--layers`` layers that reads the target's hidden
 states (training/dflash.py has the recipe): trained on the target's own greedy answers only,
-since it needs the target's features at every position; the features are computed once and
-cached in ``data/``. ``--draft-vocab N`` restricts drafting to the N tokens most frequent in
-those answers (the head then reads N rows instead of the whole vocabulary).
+since it needs the target's features at every position. The answers come either from an answer
+store (``--answers``, written by ``dlmspec generate-answers``: real chat and code prompts,
+kept as token ids with the target's top-k distributions, features cached in the store per
+shard; ``--answer-tokens`` takes a prefix of it, ``--soft-labels`` distils the top-k) or are
+generated here from templates (``--gen-*``, features cached in ``data/``). ``--draft-vocab N``
+restricts drafting to the N tokens most frequent in those answers (the head then reads N rows
+instead of the whole vocabulary).
 
 Output: the drafter in its released checkpoint layout (config.json + model.safetensors),
 the target's tokenizer files, and training_recipe.json with every setting, version and the
@@ -32,6 +36,7 @@ import json
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -43,6 +48,12 @@ import torch
 from dlmspec_vllm.drafters.dflash import default_target_layer_ids, save_dflash_network
 from dlmspec_vllm.drafters.dream import DreamModel, save_dream_model
 from dlmspec_vllm.targets import copy_tokenizer_files
+from dlmspec_vllm.training.answers import (
+    VALIDATION_EVERY,
+    AnswerStore,
+    is_validation,
+    shard_features,
+)
 from dlmspec_vllm.training.conversion import dream_from_causal_lm
 from dlmspec_vllm.training.corpus import (
     STDLIB_FILES,
@@ -64,6 +75,7 @@ from dlmspec_vllm.training.dflash import (
     dflash_loss,
     draft_vocabulary,
     target_features,
+    teacher_forced_acceptance,
 )
 from dlmspec_vllm.training.resumable import WindowSampler, train_resumable
 from dlmspec_vllm.training.trainers import deterministic_algorithms, masked_diffusion_loss
@@ -134,6 +146,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="learn the target's distributions (a target pass "
         "per step) instead of the data's tokens",
     )
+    parser.add_argument(
+        "--answers",
+        type=Path,
+        help="dflash: train on this answer store (`dlmspec generate-answers`) instead of "
+        "generating answers here",
+    )
+    parser.add_argument(
+        "--answer-tokens",
+        type=int,
+        help="dflash with --answers: train on the store's first answers holding this many "
+        "output tokens (default: all); validation answers are never trained on",
+    )
+    parser.add_argument(
+        "--soft-labels",
+        type=float,
+        default=0.0,
+        help="dflash with --answers: share of the loss that is cross-entropy to the target's "
+        "stored top-k distribution (0 = its greedy tokens only)",
+    )
     parser.add_argument("--gen-prompts", type=int, default=64, help="target generations to make")
     parser.add_argument("--gen-tokens", type=int, default=128, help="most tokens per generation")
     parser.add_argument("--gen-batch-size", type=int, default=8)
@@ -165,6 +196,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "--kind dflash trains on the target's own answers only (they come with its "
             "hidden states): use --data target-generations"
         )
+    if args.kind != "dflash" and (args.answers or args.answer_tokens or args.soft_labels):
+        parser.error("--answers, --answer-tokens and --soft-labels are for --kind dflash")
+    if args.answers is None and (args.answer_tokens or args.soft_labels):
+        parser.error("--answer-tokens and --soft-labels need --answers (an answer store)")
+    if not 0.0 <= args.soft_labels <= 1.0:
+        parser.error(f"--soft-labels {args.soft_labels}: must be in 0..1")
+    if args.answer_tokens is not None and args.answer_tokens < 1:
+        parser.error("--answer-tokens must be at least 1")
     if args.seq_len[0] <= args.block_size and args.kind == "dream":
         parser.error(f"--seq-len must exceed --block-size ({args.block_size}): rows need a prefix")
     if args.device == "auto":
@@ -183,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32)
     target = target.to(device).eval()
-    fingerprint = _weights_sha256(args.target)
+    fingerprint = weights_sha256(args.target)
     mask_token, mask_id = _mask_token(tokenizer, args.mask_token)
     settings = {
         k: (str(v) if isinstance(v, Path) else v)
@@ -206,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed + 1,
             checkpoint_dir=args.output / "checkpoints",
             save_every=args.save_every,
-            settings=settings,
+            settings=_checkpoint_identity(settings, run.data_recipe),
             resume=args.resume,
             stop_at=args.stop_at,
             progress=args.progress,
@@ -218,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
 
     run.save(args.output)
     copy_tokenizer_files(args.target, args.output)
+    validation = run.validate()
     steps_run = result.step - (result.resumed_from or 0)
     recipe = {
         "kind": args.kind,
@@ -235,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             "seconds_per_step_this_run": train_seconds / max(1, steps_run),
             "total_seconds_this_run": time.perf_counter() - started,
         },
+        "validation": validation,
         "versions": _versions(),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
@@ -244,6 +285,21 @@ def main(argv: list[str] | None = None) -> None:
         f"wrote the drafter to {args.output} (loss {result.losses[0]:.3f} -> "
         f"{_tail_mean(result.losses):.3f}, {train_seconds / max(1, steps_run):.2f} s/step)"
     )
+
+
+# Where the target and the answer store lie is not what the run computes: a run resumed on
+# another machine compares the target's weights and the answers read instead.
+MACHINE_PATHS = ("target", "answers")
+
+
+def _checkpoint_identity(settings: dict[str, Any], data_recipe: dict[str, Any]) -> dict[str, Any]:
+    identity = {k: v for k, v in settings.items() if k not in MACHINE_PATHS}
+    store = data_recipe.get("answer_store")
+    if store is not None:
+        identity["answer_store"] = {
+            k: store[k] for k in ("header", "shards_read", "training_answers", "training_tokens")
+        }
+    return identity
 
 
 @dataclass
@@ -257,6 +313,7 @@ class _Run:
     data_recipe: dict[str, Any]
     objective: str
     description: str
+    validate: Callable[[], dict[str, Any] | None] = lambda: None
 
 
 def _build_dream(args, tokenizer, target, fingerprint, mask_id, device) -> _Run:
@@ -306,40 +363,28 @@ def _build_dream(args, tokenizer, target, fingerprint, mask_id, device) -> _Run:
 def _build_dflash(args, tokenizer, target, fingerprint, mask_id, device) -> _Run:
     total_layers = target.config.num_hidden_layers
     layers = args.layers or 1
-    # vLLM exposes the input of its decoder layers, so the deepest readable output is the
-    # second-to-last layer's.
-    deepest = total_layers - 2
+    # The last id is the last layer's output after the final norm: what vLLM feeds the LM
+    # head, and what Hugging Face reports as the last hidden state.
+    deepest = total_layers - 1
     if args.target_layer_ids:
         layer_ids = tuple(int(i) for i in args.target_layer_ids.split(","))
     else:
         spread = default_target_layer_ids(total_layers, max(2, min(4, total_layers - 1)))
-        layer_ids = tuple(sorted({max(0, min(i, deepest)) for i in spread}))
+        layer_ids = tuple(sorted({max(0, min(i, deepest - 1)) for i in spread}))
     if not all(0 <= i <= deepest for i in layer_ids):
         raise SystemExit(
             f"--target-layer-ids {list(layer_ids)}: each must be in 0..{deepest} for this "
-            f"{total_layers}-layer target (vLLM cannot expose the last layer's output)"
+            f"{total_layers}-layer target ({deepest}: the last layer after the final norm)"
         )
     if not 1 <= layers <= total_layers:
         raise SystemExit(f"--layers must be in 1..{total_layers} for this target")
-    _, data_recipe, records = _generations(args, tokenizer, target, fingerprint)
-    rows = [r["prompt_ids"] + r["output_ids"] for r in records]
-    features_file = args.output / "data" / "target_features.pt"
-    features_key = {
-        "generations_sha256": data_recipe["target_generations"]["sha256"],
-        "layer_ids": list(layer_ids),
-    }
-    cached = torch.load(features_file, weights_only=False) if features_file.is_file() else None
-    if cached is not None and cached["key"] == features_key:
-        features = cached["features"]
-        print(f"target features: reused {features_file}", flush=True)
+    validation: list[FeatureSequence] = []
+    if args.answers is not None:
+        sequences, validation, data_recipe = _store_sequences(args, target, fingerprint, layer_ids)
     else:
-        features = target_features(target, rows, layer_ids)
-        features_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": features_key, "features": features}, features_file)
-        print(f"target features: wrote {features_file}", flush=True)
-    sequences = [
-        FeatureSequence(row, len(r["prompt_ids"]), f) for row, r, f in zip(rows, records, features)
-    ]
+        sequences, data_recipe = _generated_sequences(
+            args, tokenizer, target, fingerprint, layer_ids
+        )
     network = dflash_from_target(
         target,
         layers=layers,
@@ -370,8 +415,23 @@ def _build_dflash(args, tokenizer, target, fingerprint, mask_id, device) -> _Run
             head_weight=head,
             target_to_draft=target_to_draft,
             gamma=args.gamma,
+            soft_weight=args.soft_labels,
         )
         return out.loss, {"first": out.first_accuracy, "run": out.mean_run}
+
+    def validate() -> dict[str, Any] | None:
+        if not validation:
+            return None
+        network.eval()
+        report = teacher_forced_acceptance(
+            network,
+            validation,
+            embed_weight=embed,
+            head_weight=head,
+            target_to_draft=target_to_draft,
+        )
+        network.train()
+        return report
 
     def save(output: Path) -> None:
         offsets = None
@@ -389,15 +449,97 @@ def _build_dflash(args, tokenizer, target, fingerprint, mask_id, device) -> _Run
         sampler=sampler,
         loss_of=loss_of,
         save=save,
+        validate=validate,
         data_recipe=data_recipe,
         objective=f"DFlash block cross-entropy: {args.anchors} random anchors per answer's "
         f"output, block [anchor, MASK x {args.block_size - 1}] causal to the context features "
         f"(target layers {list(layer_ids)}) and bidirectional inside, position j weighted "
-        f"exp(-(j-1)/{args.gamma})",
+        f"exp(-(j-1)/{args.gamma})"
+        + (
+            f"; labels {1 - args.soft_labels:g} x the target's greedy token + "
+            f"{args.soft_labels:g} x its top-k distribution"
+            if args.soft_labels
+            else ""
+        ),
         description=f"drafter: DFlash for {args.target} ({layers} layers, {_millions(network)}M "
         f"parameters, reads target layers {list(layer_ids)}), mask id {mask_id}, "
         f"draft vocabulary {args.draft_vocab or 'full'}, device {device}",
     )
+
+
+def _generated_sequences(args, tokenizer, target, fingerprint, layer_ids):
+    """Answers generated for this run (cached in its data/), with their features."""
+    _, data_recipe, records = _generations(args, tokenizer, target, fingerprint)
+    rows = [r["prompt_ids"] + r["output_ids"] for r in records]
+    features_file = args.output / "data" / "target_features.pt"
+    features_key = {
+        "generations_sha256": data_recipe["target_generations"]["sha256"],
+        "layer_ids": list(layer_ids),
+    }
+    cached = torch.load(features_file, weights_only=False) if features_file.is_file() else None
+    if cached is not None and cached["key"] == features_key:
+        features = cached["features"]
+        print(f"target features: reused {features_file}", flush=True)
+    else:
+        features = target_features(target, rows, layer_ids)
+        features_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": features_key, "features": features}, features_file)
+        print(f"target features: wrote {features_file}", flush=True)
+    sequences = [
+        FeatureSequence(row, len(r["prompt_ids"]), f) for row, r, f in zip(rows, records, features)
+    ]
+    return sequences, data_recipe
+
+
+def _store_sequences(args, target, fingerprint, layer_ids):
+    """(training, validation) answers of the store ``--answers`` with their features, and how
+    they were made. Features are cached in the store per shard and layer set."""
+    store = AnswerStore.open(args.answers)
+    if store.header["target_weights_sha256"] != fingerprint:
+        raise SystemExit(
+            f"--answers {args.answers} holds answers of another target (weights sha256 "
+            f"{store.header['target_weights_sha256']}, not {fingerprint} of --target): "
+            "generate answers for this target with `dlmspec generate-answers`"
+        )
+    by_shard = store.answers_by_shard()
+    training, validation, outputs, used = [], [], 0, []
+    for path, answers in by_shard:
+        if args.answer_tokens is not None and outputs >= args.answer_tokens:
+            break
+        used.append(path)
+        features = shard_features(store, path, answers, target, layer_ids)
+        for answer, feature in zip(answers, features):
+            sequence = FeatureSequence(
+                answer.tokens.tolist(),
+                answer.prompt_length,
+                feature,
+                torch.from_numpy(answer.top_ids),
+                torch.from_numpy(answer.top_logprobs.astype("float32")),
+            )
+            if is_validation(answer.key):
+                validation.append(sequence)
+            elif args.answer_tokens is None or outputs < args.answer_tokens:
+                training.append(sequence)
+                outputs += len(answer.tokens) - answer.prompt_length
+    if not training:
+        raise SystemExit(f"--answers {args.answers} holds no training answers")
+    sources = Counter()
+    for path in used:
+        sources.update(json.loads(path.with_suffix(".json").read_text())["sources"])
+    recipe = {
+        "answer_store": {
+            "directory": str(args.answers),
+            "header": store.header,
+            "shards_read": [p.name for p in used],
+            "prompts_by_source_in_shards_read": dict(sources),
+            "training_answers": len(training),
+            "training_output_tokens": outputs,
+            "training_tokens": sum(len(s.tokens) for s in training),
+            "validation_answers": len(validation),
+            "validation": f"answers whose key hashes to 0 mod {VALIDATION_EVERY}, never trained on",
+        }
+    }
+    return training, validation, recipe
 
 
 def _millions(model: torch.nn.Module) -> str:
@@ -543,7 +685,7 @@ def _mask_token(tokenizer: PreTrainedTokenizerBase, requested: str | None) -> tu
     return requested, ids[0]
 
 
-def _weights_sha256(directory: Path) -> str:
+def weights_sha256(directory: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(directory.glob("*.safetensors")):
         with path.open("rb") as handle:

@@ -117,12 +117,9 @@ def stdlib_documents(files: Sequence[str] = STDLIB_FILES) -> list[str]:
     return [(root / name).read_text(encoding="utf-8") for name in files]
 
 
-def generation_prompts(documents: Sequence[str], count: int, seed: int) -> list[str]:
-    """``count`` user requests built from the documents' documented functions, seeded.
-
-    Alternately "write this function" (name, arguments and the docstring's first paragraph) and
-    "explain this code" (the function's source), so the target answers both in prose and in code.
-    """
+def documented_functions(documents: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(signature, docstring summary, quoted source) of every public documented function of
+    the documents, in document and ``ast.walk`` order."""
     candidates: list[tuple[str, str, str]] = []
     for text in documents:
         lines = text.splitlines()
@@ -136,13 +133,29 @@ def generation_prompts(documents: Sequence[str], count: int, seed: int) -> list[
             source = "\n".join(lines[node.lineno - 1 : node.end_lineno][:MAX_QUOTED_LINES])
             signature = f"{node.name}({ast.unparse(node.args)})"
             candidates.append((signature, summary, source[:MAX_QUOTED_CHARS]))
+    return candidates
+
+
+def write_function_prompt(signature: str, summary: str) -> str:
+    return f"Write a Python function `{signature}`. {summary}"
+
+
+def explain_code_prompt(source: str) -> str:
+    return f"Explain what this Python code does:\n\n```python\n{source}\n```"
+
+
+def generation_prompts(documents: Sequence[str], count: int, seed: int) -> list[str]:
+    """``count`` user requests built from the documents' documented functions, seeded.
+
+    Alternately "write this function" (name, arguments and the docstring's first paragraph) and
+    "explain this code" (the function's source), so the target answers both in prose and in code.
+    """
+    candidates = documented_functions(documents)
     if count > len(candidates):
         raise ValueError(f"{count} prompts asked for, {len(candidates)} documented functions found")
     chosen = random.Random(seed).sample(candidates, count)
     return [
-        f"Write a Python function `{signature}`. {summary}"
-        if i % 2 == 0
-        else f"Explain what this Python code does:\n\n```python\n{source}\n```"
+        write_function_prompt(signature, summary) if i % 2 == 0 else explain_code_prompt(source)
         for i, (signature, summary, source) in enumerate(chosen)
     ]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +29,20 @@ from dlmspec_vllm.drafters.dflash import DFlashConfig, DFlashNetwork
 
 @dataclass
 class FeatureSequence:
-    """One training answer: its token ids, where the output starts, and the target's hidden
-    states at every position ([len(tokens), len(layers) * hidden], any float dtype)."""
+    """One training answer: its token ids, where the output starts, the target's hidden states
+    at every position ([len(tokens), len(layers) * hidden], any float dtype) and, optionally,
+    the target's top-k next-token distribution at every output position (soft labels:
+    ``top_ids`` [output length, k] and their ``top_logprobs``)."""
 
     tokens: list[int]
     prompt_length: int
     features: torch.Tensor
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+
+
+# Rows are run together up to this many (padded) tokens per forward pass.
+FEATURE_BATCH_TOKENS = 4096
 
 
 @torch.no_grad()
@@ -44,17 +53,36 @@ def target_features(
     *,
     storage_dtype: torch.dtype = torch.bfloat16,
 ) -> list[torch.Tensor]:
-    """The target's hidden states after each of ``layer_ids`` (0 = first decoder layer),
-    concatenated per position, for every row (one forward pass per row, no padding)."""
+    """The target's hidden states after each of ``layer_ids`` (0 = first decoder layer; the
+    last layer's id is its output after the final norm, as Hugging Face reports it),
+    concatenated per position, for every row.
+
+    Rows of similar length run together, padded on the right: attention is causal, so a row's
+    positions never see the padding after them.
+    """
     device = next(target.parameters()).device
     # The decoder alone: the LM head's logits at every position would cost a fifth more.
     decoder = target.get_decoder()
-    out = []
-    for row in token_rows:
-        ids = torch.tensor([list(row)], device=device)
-        states = decoder(input_ids=ids, output_hidden_states=True).hidden_states
-        out.append(torch.cat([states[i + 1][0] for i in layer_ids], -1).to("cpu", storage_dtype))
-    return out
+    out: list[torch.Tensor | None] = [None] * len(token_rows)
+    order = sorted(range(len(token_rows)), key=lambda i: len(token_rows[i]))
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and (stop + 1 - start) * len(token_rows[order[stop]]) <= max(
+            FEATURE_BATCH_TOKENS, len(token_rows[order[start]])
+        ):
+            stop += 1
+        group = order[start:stop]
+        width = len(token_rows[group[-1]])
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        for b, i in enumerate(group):
+            ids[b, : len(token_rows[i])] = torch.tensor(list(token_rows[i]))
+        states = decoder(input_ids=ids.to(device), output_hidden_states=True).hidden_states
+        joined = torch.cat([states[i + 1] for i in layer_ids], -1)
+        for b, i in enumerate(group):
+            out[i] = joined[b, : len(token_rows[i])].to("cpu", storage_dtype)
+        start = stop
+    return out  # type: ignore[return-value]
 
 
 def draft_vocabulary(sequences: Sequence[FeatureSequence], size: int) -> torch.Tensor:
@@ -109,6 +137,7 @@ class BlockLoss:
     loss: torch.Tensor
     first_accuracy: float  # share of anchors whose first drafted token is right
     mean_run: float  # mean count of leading right tokens per block (accepted-length proxy)
+    runs: torch.Tensor  # that count for every anchor with a label
 
 
 def dflash_loss(
@@ -120,12 +149,15 @@ def dflash_loss(
     head_weight: torch.Tensor,
     target_to_draft: torch.Tensor | None,
     gamma: float,
+    soft_weight: float = 0.0,
 ) -> BlockLoss:
     """Weighted block cross-entropy of a batch (see the module docstring).
 
     head_weight: the rows of the target's LM head the drafter scores (all, or the draft
     vocabulary's); target_to_draft: [target vocab] index of each target id in those rows, -1
-    for ids outside the draft vocabulary (None: all ids, index = id).
+    for ids outside the draft vocabulary (None: all ids, index = id). soft_weight: the share of
+    the loss that is cross-entropy to the target's top-k distribution (renormalized over the
+    ids the drafter can propose) instead of to its greedy token; rows need their top-k then.
     """
     config = network.config
     device = embed_weight.device
@@ -154,8 +186,9 @@ def dflash_loss(
     ids[:, :, 0] = tokens.gather(1, anchor_pos)
     label_pos = positions.clamp_max(length - 1)
     labels = tokens.gather(1, label_pos).view(batch, per_row, block)
+    label_pos = label_pos.view(batch, per_row, block)
     has_label = (positions < length).view(batch, per_row, block)
-    has_label &= valid.gather(1, label_pos).view(batch, per_row, block)
+    has_label &= valid.gather(1, label_pos.view(batch, queries)).view(batch, per_row, block)
     has_label &= anchor_ok[:, :, None]
     has_label[:, :, 0] = False
 
@@ -179,11 +212,18 @@ def dflash_loss(
     hidden = network.block_hidden(embeds, positions.to(device), context, mask.to(device))
     hidden = hidden.view(batch, per_row, block, -1)[:, :, 1:]
     labels, has_label = labels[:, :, 1:].to(device), has_label[:, :, 1:].to(device)
+    # A label the draft vocabulary lacks is left out of the loss but counts as a miss below.
+    in_answer = has_label.clone()
     if target_to_draft is not None:
         labels = target_to_draft.to(device)[labels]
         has_label &= labels >= 0
     logits = hidden[has_label] @ head_weight.T
     ce = F.cross_entropy(logits.float(), labels[has_label], reduction="none")
+    if soft_weight > 0:
+        soft = _soft_cross_entropy(
+            logits, rows, label_pos[:, :, 1:], has_label, target_to_draft, device
+        )
+        ce = (1 - soft_weight) * ce + soft_weight * soft
     weights = torch.exp(-torch.arange(block - 1, device=device, dtype=torch.float32) / gamma)
     weights = weights.expand_as(has_label)[has_label]
     loss = (ce * weights).sum() / weights.sum().clamp_min(1e-6)
@@ -192,10 +232,94 @@ def dflash_loss(
         right = torch.zeros_like(has_label)
         right[has_label] = logits.argmax(-1) == labels[has_label]
         run = torch.cumprod(right.long(), dim=-1).sum(-1)  # leading right tokens per block
-        counted = anchor_ok.to(device) & has_label[:, :, 0]
+        counted = anchor_ok.to(device) & in_answer[:, :, 0]
         first = right[:, :, 0][counted].float().mean().item() if counted.any() else math.nan
         mean_run = run[counted].float().mean().item() if counted.any() else math.nan
-    return BlockLoss(loss=loss, first_accuracy=first, mean_run=mean_run)
+    return BlockLoss(loss=loss, first_accuracy=first, mean_run=mean_run, runs=run[counted])
+
+
+# Anchors scored together per answer in teacher_forced_acceptance (bounds the attention mask).
+ACCEPTANCE_ANCHORS_PER_PASS = 48
+
+
+@torch.no_grad()
+def teacher_forced_acceptance(
+    network: DFlashNetwork,
+    sequences: Sequence[FeatureSequence],
+    *,
+    embed_weight: torch.Tensor,
+    head_weight: torch.Tensor,
+    target_to_draft: torch.Tensor | None,
+    draft_lengths: Sequence[int] = (4, 8),
+) -> dict[str, Any]:
+    """How far the drafter's block matches the target's own continuation, from every output
+    position of every answer (the anchor the target has just sampled), with the target's
+    features of the positions before it: what verification would accept at that point.
+
+    Returns the share of anchors whose first j drafted tokens are all right (j = 1 .. block - 1)
+    and the mean accepted length per step (1 + matched drafts) for each draft length.
+    """
+    runs = []
+    for sequence in sequences:
+        anchors = list(range(sequence.prompt_length, len(sequence.tokens) - 1))
+        for start in range(0, len(anchors), ACCEPTANCE_ANCHORS_PER_PASS):
+            chunk = anchors[start : start + ACCEPTANCE_ANCHORS_PER_PASS]
+            out = dflash_loss(
+                network,
+                [sequence],
+                [chunk],
+                embed_weight=embed_weight,
+                head_weight=head_weight,
+                target_to_draft=target_to_draft,
+                gamma=1.0,
+            )
+            runs.append(out.runs.cpu())
+    run = torch.cat(runs).float() if runs else torch.zeros(0)
+    block = network.config.block_size
+    return {
+        "answers": len(sequences),
+        "anchors": int(run.numel()),
+        "position_acceptance": [
+            round(float((run >= j).float().mean()), 4) for j in range(1, block)
+        ],
+        "mean_accepted_length": {
+            str(k): round(1 + float(run.clamp_max(k).mean()), 4) for k in draft_lengths
+        },
+    }
+
+
+def _soft_cross_entropy(
+    logits: torch.Tensor,
+    rows: Sequence[FeatureSequence],
+    label_pos: torch.Tensor,
+    has_label: torch.Tensor,
+    target_to_draft: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Per scored label: cross-entropy of the drafter's logits to the target's top-k at that
+    position, renormalized over the top-k ids the drafter can propose."""
+    if any(r.top_ids is None for r in rows):
+        raise ValueError("soft labels need every training answer's top-k distribution")
+    k = rows[0].top_ids.shape[1]
+    batch, length = len(rows), int(label_pos.max()) + 1
+    top_ids = torch.zeros(batch, length, k, dtype=torch.long)
+    top_logprobs = torch.full((batch, length, k), -math.inf)
+    for b, row in enumerate(rows):
+        outputs = max(0, min(len(row.top_ids), length - row.prompt_length))
+        span = slice(row.prompt_length, row.prompt_length + outputs)
+        top_ids[b, span] = row.top_ids[:outputs].long()
+        top_logprobs[b, span] = row.top_logprobs[:outputs].float()
+    flat = label_pos.reshape(batch, -1).cpu()
+    ids = top_ids.gather(1, flat[..., None].expand(-1, -1, k)).view(*label_pos.shape, k)
+    logprobs = top_logprobs.gather(1, flat[..., None].expand(-1, -1, k)).view(*label_pos.shape, k)
+    ids, logprobs = ids.to(device)[has_label], logprobs.to(device)[has_label]
+    if target_to_draft is not None:
+        ids = target_to_draft.to(device)[ids]
+    proposable = ids >= 0
+    logprobs = logprobs.masked_fill(~proposable, -math.inf)
+    weights = torch.softmax(logprobs, -1).nan_to_num(0.0)  # a row with none proposable: 0
+    drafted = torch.log_softmax(logits.float(), -1).gather(1, ids.clamp_min(0))
+    return -(weights * drafted).sum(-1)
 
 
 def dflash_from_target(
@@ -209,9 +333,10 @@ def dflash_from_target(
     """A DFlash network for a transformers Llama/Qwen2/Qwen3 target, started from its weights.
 
     The drafter's layers start as copies of the target's last ``layers`` decoder layers (q/k
-    norms at one), ``fc`` reads the deepest chosen target layer alone and ``hidden_norm`` is the
-    input norm of the layer after it: at step 0 the first drafter layer sees the context much as
-    the target's next layer does. Random starts learned far slower on a CPU budget.
+    norms at one), ``fc`` reads the deepest chosen residual-stream layer alone (not the
+    final-norm state) and ``hidden_norm`` is the input norm of the layer after it: at step 0 the
+    first drafter layer sees the context much as the target's next layer does. Random starts
+    learned far slower on a CPU budget.
     """
     source = target.config
     config = DFlashConfig(
@@ -244,9 +369,13 @@ def dflash_from_target(
             mine.load_state_dict(own)
         width = config.target_hidden_size
         network.fc.weight.zero_()
-        deepest = len(target_layer_ids) - 1
+        # The final-norm state (the last id) starts unread: the identity goes to the deepest
+        # residual-stream layer, which the next layer's input norm below expects.
+        final = len(decoder) - 1
+        residual = [i for i in target_layer_ids if i != final] or list(target_layer_ids)
+        deepest = list(target_layer_ids).index(max(residual))
         network.fc.weight[:, deepest * width : (deepest + 1) * width] = torch.eye(width)
-        after = min(max(target_layer_ids) + 1, len(decoder) - 1)
+        after = min(max(residual) + 1, final)
         network.hidden_norm.weight.copy_(decoder[after].input_layernorm.weight.float())
         network.norm.weight.copy_(target.model.norm.weight.float())
     return network
