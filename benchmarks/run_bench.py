@@ -68,6 +68,8 @@ QUICK_CONFIGS = ("none", "ngram-k4", "ar-draft-k4", "dlm-k4", "dlm-k4-lattice")
 ENGINE_ENVIRONMENT = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "LD_PRELOAD")
 # Suffix of a configuration run with --reference-src, an older checkout's code.
 REFERENCE = "@ref"
+# Suffix of a dlm configuration run with --previous-drafter, another drafter, in the same run.
+PREVIOUS = "@previous"
 # The floor of the dlm method: everything it does in a step, with no request ever drafting.
 NEVER_DRAFTING = {"num_speculative_tokens": 4, "controller": {"name": "fixed", "k": 0}}
 
@@ -113,6 +115,17 @@ def all_configs(target: Path, drafter: Path | None, ar_drafter: Path) -> dict[st
         configs[f"{name}-lattice"] = {**base, "lattice": True}
         configs[f"{name}-lookup"] = {**base, "context_lookup": True}
     return configs
+
+
+def with_drafter(
+    configs: dict[str, dict | None], drafter: Path, suffix: str
+) -> dict[str, dict | None]:
+    """The dlm configurations again, named NAME + suffix, drafting with ``drafter``."""
+    return {
+        f"{name}{suffix}": {**spec, "draft_model": str(drafter)}
+        for name, spec in configs.items()
+        if spec and spec.get("method") == "dlm"
+    }
 
 
 def _is_dflash(drafter: Path) -> bool:
@@ -443,6 +456,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="an older checkout's src/: configurations named NAME@ref run NAME with it",
     )
+    parser.add_argument(
+        "--previous-drafter",
+        type=Path,
+        help="another drafter: dlm configurations named NAME@previous run NAME with it",
+    )
     parser.add_argument("--prompts", type=Path, default=HERE / "prompts.json")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=512)
@@ -492,6 +510,8 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if args.reference_src is not None:
         configs |= {f"{name}{REFERENCE}": spec for name, spec in configs.items() if spec}
+    if args.previous_drafter is not None:
+        configs |= with_drafter(configs, args.previous_drafter, PREVIOUS)
     unknown = [c for c in chosen if c not in configs]
     if unknown:
         raise SystemExit(f"unknown configs {unknown}; run with --list to see them")
@@ -519,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {
             "target": str(args.target),
             "drafter": str(args.drafter) if args.drafter else None,
+            "previous_drafter": str(args.previous_drafter) if args.previous_drafter else None,
             "ar_drafter": {"path": str(ar_dir), "layers": args.ar_layers},
             "batch_sizes": args.batch_sizes,
             "prompt_sets": args.sets,

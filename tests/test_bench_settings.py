@@ -32,3 +32,14 @@ def test_only_a_cpu_engine_gets_vllm_cpus_environment(monkeypatch):
     cuda = engine_env(threads=2, device="cuda")
     assert "VLLM_CPU_KVCACHE_SPACE" not in cuda and "OMP_NUM_THREADS" not in cuda
     assert cuda["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_previous_drafter_reruns_the_dlm_configurations_only(tmp_path):
+    configs = run_bench.all_configs(tmp_path / "target", tmp_path / "new", tmp_path / "ar")
+    previous = run_bench.with_drafter(configs, tmp_path / "old", "@previous")
+    assert previous["dlm-k4@previous"] == {
+        **configs["dlm-k4"],
+        "draft_model": str(tmp_path / "old"),
+    }
+    assert "dlm-cost_aware-lookup@previous" in previous and "dlm-never@previous" in previous
+    assert not any(name.startswith(("ngram", "ar-draft", "none")) for name in previous)
