@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
 import random
 import sys
 import sysconfig
@@ -37,6 +36,7 @@ from dlmspec_vllm.targets import DEFAULT_CACHE  # noqa: E402
 from dlmspec_vllm.training.answers import (  # noqa: E402
     AnswerStore,
     PromptPlan,
+    answer_engine,
     generate_answers,
     shard_features,
 )
@@ -94,11 +94,9 @@ def evaluation_store(
     )
     if store.keys() >= {p.key for p in prompts}:
         return store
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from transformers import AutoTokenizer
-    from vllm import LLM
 
-    llm = LLM(str(target), enforce_eager=True, dtype="float32", max_model_len=1024, max_logprobs=1)
+    llm = answer_engine(target, max_model_len=1024, batch_size=len(prompts), top_k=1)
     generate_answers(
         store,
         llm,

@@ -43,6 +43,7 @@ from dlmspec_vllm.training.corpus import (
     documented_functions,
     explain_code_prompt,
     stdlib_documents,
+    vllm_generation_engine,
     write_function_prompt,
 )
 from dlmspec_vllm.wheel_data import sha256_of_file
@@ -243,6 +244,16 @@ def shard_features(
     return features
 
 
+def answer_engine(target: Path, *, max_model_len: int, batch_size: int, top_k: int) -> object:
+    """The in-process vLLM engine that writes answers: the generation engine's settings
+    (corpus.VLLM_GENERATION_ENGINE), this batch size, and log-probabilities for the top-k."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    settings = {**vllm_generation_engine(target), "max_model_len": max_model_len}
+    return LLM(str(target), **settings | {"max_num_seqs": batch_size, "max_logprobs": top_k})
+
+
 def generate_answers(
     store: AnswerStore,
     llm: object,
@@ -380,18 +391,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(plan.dropped)} dropped for overlapping {list(plan.excluded_files)}",
         flush=True,
     )
-    window = json.loads((args.target / "config.json").read_text()).get("max_position_embeddings")
-    max_model_len = args.max_model_len or min(1024, int(window or 1024))
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM
-
-    llm = LLM(
-        str(args.target),
-        enforce_eager=True,
-        dtype="float32",
-        max_model_len=max_model_len,
-        max_num_seqs=args.batch_size,
-        max_logprobs=args.top_k,
+    max_model_len = args.max_model_len or vllm_generation_engine(args.target)["max_model_len"]
+    llm = answer_engine(
+        args.target, max_model_len=max_model_len, batch_size=args.batch_size, top_k=args.top_k
     )
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     generate_answers(
