@@ -404,6 +404,54 @@ def test_saved_checkpoint_is_the_zlab_layout_and_loads(parts, tmp_path, tiny_tar
     assert drafter.target_layer_ids == (0, 2)
 
 
+def test_a_draft_vocabulary_checkpoint_holds_its_own_head_in_vllms_layout(
+    parts, tmp_path, tiny_target_like
+):
+    """d2t, the draft-sized lm_head and draft_vocab_size (what vLLM's dflash method loads);
+    the drafter scores with that head exactly as with the target's rows at the draft ids."""
+    network, _, _ = parts
+    draft_ids = torch.tensor([3, 7, 8, 40, 41, 90])
+    target_head = load_file(tiny_target_like / "model.safetensors")["lm_head.weight"]
+    save_dflash_network(
+        network,
+        tmp_path / "drafter",
+        draft_to_target=draft_ids - torch.arange(6),
+        draft_head=target_head[draft_ids],
+        dtype=torch.float32,
+    )
+    config = json.loads((tmp_path / "drafter" / "config.json").read_text())
+    assert config["draft_vocab_size"] == 6
+    saved = load_file(tmp_path / "drafter" / "model.safetensors")
+    torch.testing.assert_close(saved["lm_head.weight"], target_head[draft_ids])
+    assert (saved["d2t"] + torch.arange(6)).tolist() == draft_ids.tolist()
+
+    loaded = load_drafter(
+        tmp_path / "drafter", target_vocab_size=VOCAB, target_dir=tiny_target_like
+    )
+    features = torch.randn(5, FEATURES)
+    loaded.observe("r", TargetFeatures(torch.arange(5), features))
+    from_target = DFlashDrafter(
+        loaded.network, embed_weight=loaded.embed_weight, head_weight=target_head,
+        draft_to_target=draft_ids - torch.arange(6), target_vocab_size=VOCAB,
+    )  # fmt: skip
+    from_target.observe("r", TargetFeatures(torch.arange(5), features))
+    ours = loaded.draft([[1, 2, 3, 4, 5, 6]], [3], req_ids=["r"])
+    theirs = from_target.draft([[1, 2, 3, 4, 5, 6]], [3], req_ids=["r"])
+    torch.testing.assert_close(ours.logits, theirs.logits)
+
+    with pytest.raises(ValueError, match="one row"):
+        save_dflash_network(
+            network,
+            tmp_path / "wrong",
+            draft_to_target=draft_ids - torch.arange(6),
+            draft_head=target_head[:5],
+        )
+    saved["lm_head.weight"] = target_head[:5]
+    save_file(saved, str(tmp_path / "drafter" / "model.safetensors"))
+    with pytest.raises(DrafterLoadError, match="one row per draft token"):
+        load_drafter(tmp_path / "drafter", target_vocab_size=VOCAB, target_dir=tiny_target_like)
+
+
 def test_wrong_target_or_no_target_is_a_clear_error(parts, tmp_path, tiny_target_like):
     network, _, _ = parts
     save_dflash_network(network, tmp_path / "drafter")

@@ -2,9 +2,10 @@
 greedy.
 
 The target is the tiny pair's Qwen2. The Fast-dLLM v2 drafter shares its tokenizer; the LLaDA
-drafter has a tokenizer of its own, so it drafts through the vocabulary bridge. Each engine runs
-in its own process (dlmspec_vllm.offline_run); greedy tokens with speculation must equal those
-without, token for token.
+drafter has a tokenizer of its own, so it drafts through the vocabulary bridge. The DFlash
+checkpoint also serves vLLM's own `dflash` method, the peer the benchmark sets beside `dlm`.
+Each engine runs in its own process (dlmspec_vllm.offline_run); greedy tokens with speculation
+must equal those without, token for token.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ GREEDY = Batch(prompts=PROMPTS, sampling=SamplingSettings(temperature=0.0, max_t
 ENGINE = {"enforce_eager": True, "max_model_len": 256, "dtype": "float32", "seed": 0}
 
 
-def run(target: str, draft_model: str | None = None, **settings) -> EngineResult:
-    speculative = None
+def run(
+    target: str, draft_model: str | None = None, *, speculative: dict | None = None, **settings
+) -> EngineResult:
     if draft_model is not None:
         speculative = {
             "method": "dlm",
@@ -98,4 +100,22 @@ def test_dflash_with_failfast_block_length_and_the_lattice_is_lossless(
         lattice=True,
     )
     assert result.batches[0].token_ids == no_speculation.batches[0].token_ids
+    assert result.spec_decode["num_accepted_tokens"] > 0
+
+
+def test_vllms_own_dflash_method_serves_the_same_checkpoint_losslessly(
+    tiny_pair, tiny_dflash, no_speculation
+) -> None:
+    """Its draft-sized lm_head, d2t offsets and draft_vocab_size are what vLLM's DFlash proposer
+    loads; vLLM reads the same target layers, so its drafts get accepted too."""
+    result = run(
+        str(tiny_pair.target_dir),
+        speculative={
+            "method": "dflash",
+            "model": str(tiny_dflash.path),
+            "num_speculative_tokens": 7,
+        },
+    )
+    assert result.batches[0].token_ids == no_speculation.batches[0].token_ids
+    assert result.spec_decode["num_drafts"] > 0
     assert result.spec_decode["num_accepted_tokens"] > 0

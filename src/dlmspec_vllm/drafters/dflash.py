@@ -12,10 +12,12 @@ the LM head are the target's own, never stored with the drafter.
 Checkpoint layout: z-lab's released DFlash drafters (``architectures: ["DFlashDraftModel"]``,
 ``model_type: "qwen3"``, ``dflash_config: {mask_token_id, target_layer_ids}``, ``block_size``),
 tensors ``layers.N.{self_attn.{q,k,v,o}_proj, self_attn.{q,k}_norm, mlp.{gate,up,down}_proj,
-input_layernorm, post_attention_layernorm}``, ``fc``, ``hidden_norm``, ``norm``. One optional
-addition of ours: ``d2t`` (EAGLE-3's draft-to-target offsets), which restricts drafting to a
-subset of the target's vocabulary so that the LM head reads far fewer bytes per pass: on a CPU
-the full head of a 49k-token vocabulary costs more than the drafter's layers.
+input_layernorm, post_attention_layernorm}``, ``fc``, ``hidden_norm``, ``norm``. Optionally a
+draft vocabulary: ``d2t`` (EAGLE-3's draft-to-target offsets) restricts drafting to a subset of
+the target's vocabulary so that the LM head reads far fewer bytes per pass (on a CPU the full
+head of a 49k-token vocabulary costs more than the drafter's layers). Such a checkpoint also
+holds its draft-sized ``lm_head`` (the target head's rows at those ids) and says
+``draft_vocab_size`` in its config: the layout vLLM's own ``dflash`` method loads.
 
 Per request the drafter keeps the keys/values of the context features it has been shown
 (``observe_step``), each at its absolute position. A step's features are not projected when they
@@ -55,6 +57,7 @@ from dlmspec_vllm.drafters.transformer import RMSNorm, RotaryEmbedding, apply_ro
 
 ARCHITECTURE = "DFlashDraftModel"
 DRAFT_TO_TARGET = "d2t"
+DRAFT_HEAD = "lm_head.weight"
 # A request's context chunks are joined once it holds this many: a chunk is a view that keeps
 # its whole projection alive, so the count bounds what a request pins.
 CONSOLIDATE_CHUNKS = 16
@@ -317,6 +320,7 @@ class DFlashDrafter:
         draft_to_target: torch.Tensor | None,
         target_vocab_size: int,
         options: DraftingOptions | None = None,
+        head_is_draft_sized: bool = False,
     ) -> None:
         config = network.config
         self.network = network.eval()
@@ -337,7 +341,9 @@ class DFlashDrafter:
                     f"vocabulary ({target_vocab_size}): it was trained for another target"
                 )
             self.draft_ids = self.draft_ids.to(head_weight.device)
-            self.head_weight = head_weight[self.draft_ids].contiguous()
+            self.head_weight = (
+                head_weight if head_is_draft_sized else head_weight[self.draft_ids].contiguous()
+            )
         self._contexts: OrderedDict[str, _RequestContext] = OrderedDict()
         self._cached_tokens = 0
         # Steps whose features some request has not taken in yet, by serial number: (hidden
@@ -372,6 +378,15 @@ class DFlashDrafter:
         for shard in safetensors_files(path):
             state.update(load_file(shard))
         draft_to_target = state.pop(DRAFT_TO_TARGET, None)
+        draft_head = state.pop(DRAFT_HEAD, None)
+        if draft_head is not None:
+            rows = len(draft_to_target) if draft_to_target is not None else target_vocab_size
+            if tuple(draft_head.shape) != (rows, config.hidden_size):
+                raise DrafterLoadError(
+                    f"DFlash draft_model {path}: its {DRAFT_HEAD} is {list(draft_head.shape)}, "
+                    f"not [{rows}, {config.hidden_size}] (one row per draft token): the "
+                    "checkpoint is damaged or was written for another draft vocabulary"
+                )
         network = DFlashNetwork(config)
         missing, unexpected = network.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -387,13 +402,15 @@ class DFlashDrafter:
                 f"DFlash draft_model {path} has hidden size {config.hidden_size} but the target "
                 f"in {target_dir} embeds in {embed.shape[1]}: it was trained for another target"
             )
+        own_head = draft_head is not None and draft_to_target is not None
         return cls(
             network,
             embed_weight=embed.to(device=device, dtype=dtype),
-            head_weight=head.to(device=device, dtype=dtype),
+            head_weight=(draft_head if own_head else head).to(device=device, dtype=dtype),
             draft_to_target=draft_to_target,
             target_vocab_size=target_vocab_size,
             options=options,
+            head_is_draft_sized=own_head,
         )
 
     @property
@@ -676,17 +693,31 @@ def save_dflash_network(
     path: str | Path,
     *,
     draft_to_target: torch.Tensor | None = None,
+    draft_head: torch.Tensor | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> None:
-    """Write config.json + model.safetensors in z-lab's DFlash layout (plus ``d2t`` if given)."""
+    """Write config.json + model.safetensors in z-lab's DFlash layout; with a draft vocabulary
+    (``draft_to_target`` offsets and ``draft_head``, the target head's rows at the draft ids)
+    also ``d2t``, the draft-sized ``lm_head`` and ``draft_vocab_size``, which vLLM's own
+    ``dflash`` method needs to load it."""
     from safetensors.torch import save_file
 
+    if (draft_to_target is None) != (draft_head is None):
+        raise ValueError("a draft vocabulary needs both draft_to_target and draft_head")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {
         name: t.detach().to("cpu", dtype).contiguous() for name, t in network.state_dict().items()
     }
-    if draft_to_target is not None:
+    config = network.config.to_dict()
+    if draft_to_target is not None and draft_head is not None:
+        if tuple(draft_head.shape) != (len(draft_to_target), network.config.hidden_size):
+            raise ValueError(
+                f"draft_head is {list(draft_head.shape)}, not one row of "
+                f"{network.config.hidden_size} per draft token ({len(draft_to_target)})"
+            )
         state[DRAFT_TO_TARGET] = draft_to_target.to("cpu", torch.long).contiguous()
+        state[DRAFT_HEAD] = draft_head.detach().to("cpu", dtype).contiguous()
+        config["draft_vocab_size"] = len(draft_to_target)
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(network.config.to_dict(), indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")

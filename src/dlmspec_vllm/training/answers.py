@@ -20,6 +20,7 @@ key) is a validation prompt: generated like the others, never trained on.
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -48,7 +49,23 @@ from dlmspec_vllm.training.corpus import (
 )
 from dlmspec_vllm.wheel_data import sha256_of_file
 
-PROMPT_SOURCES = (*SOURCES, "stdlib-code")
+PROMPT_SOURCES = (*SOURCES, "stdlib-code", "stdlib-context")
+# Requests whose answer should repeat a document given in the prompt. None uses the wording of
+# benchmarks/drafter_curve.py's quote set, and their documents are the corpus' own files, which
+# that set never draws from.
+PARAGRAPH_TASKS = (
+    "Quote the passage below, then say in one sentence what it is about.\n\n{}",
+    "Copy this text, putting each sentence on its own line:\n\n{}",
+    "Here is a paragraph from some documentation:\n\n{}\n\nRepeat it, then list the "
+    "technical terms it uses.",
+)
+FUNCTION_TASKS = (
+    "Add type hints to this Python function and give the whole function back:"
+    "\n\n```python\n{}\n```",
+    "Here is a Python function:\n\n```python\n{}\n```\n\nRewrite it with a short "
+    "comment above each line that does something.",
+)
+SHORTEST_PARAGRAPH, LONGEST_PARAGRAPH = 200, 600
 VALIDATION_EVERY = 20
 STORE_FILE = "store.json"
 FORMAT = 1
@@ -63,6 +80,39 @@ def stdlib_code_prompts() -> list[SourcePrompt]:
             SourcePrompt("stdlib-code", f"write:{index}", write_function_prompt(signature, summary))
         )
         prompts.append(SourcePrompt("stdlib-code", f"explain:{index}", explain_code_prompt(source)))
+    return prompts
+
+
+def docstring_paragraphs(documents: Sequence[str]) -> list[str]:
+    """Prose paragraphs (200-600 characters, nine tenths letters and spaces) of every docstring
+    of the documents, whitespace joined, deduplicated, in document and ``ast.walk`` order."""
+    paragraphs: dict[str, None] = {}
+    for text in documents:
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef):
+                continue
+            for paragraph in (ast.get_docstring(node) or "").split("\n\n"):
+                joined = " ".join(paragraph.split())
+                letters = sum(c.isalpha() or c == " " for c in joined)
+                if SHORTEST_PARAGRAPH <= len(joined) <= LONGEST_PARAGRAPH:
+                    if letters > 0.9 * len(joined):
+                        paragraphs[joined] = None
+    return list(paragraphs)
+
+
+def stdlib_context_prompts() -> list[SourcePrompt]:
+    """Requests to repeat, reformat or annotate a document the prompt gives (a docstring
+    paragraph or a function of the corpus' standard-library files): answers that copy from their
+    context, which a drafter reading the target's features of that context should learn to
+    draft. Each document gets one task, in turn; ids are stable for a Python version."""
+    documents = stdlib_documents()
+    prompts = []
+    for index, paragraph in enumerate(docstring_paragraphs(documents)):
+        task = PARAGRAPH_TASKS[index % len(PARAGRAPH_TASKS)]
+        prompts.append(SourcePrompt("stdlib-context", f"paragraph:{index}", task.format(paragraph)))
+    for index, (_, _, source) in enumerate(documented_functions(documents)):
+        task = FUNCTION_TASKS[index % len(FUNCTION_TASKS)]
+        prompts.append(SourcePrompt("stdlib-context", f"function:{index}", task.format(source)))
     return prompts
 
 
@@ -88,10 +138,9 @@ def prompt_plan(
     if unknown:
         raise ValueError(f"unknown prompt source(s) {unknown}: choose from {list(PROMPT_SOURCES)}")
     everything: list[SourcePrompt] = []
+    built_in = {"stdlib-code": stdlib_code_prompts, "stdlib-context": stdlib_context_prompts}
     for name in sources:
-        everything += (
-            stdlib_code_prompts() if name == "stdlib-code" else source_prompts(name, cache_dir)
-        )
+        everything += built_in[name]() if name in built_in else source_prompts(name, cache_dir)
     excluded_texts: list[str] = []
     excluded_files = {}
     for path in exclude_files:

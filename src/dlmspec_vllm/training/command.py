@@ -434,10 +434,11 @@ def _build_dflash(args, tokenizer, target, fingerprint, mask_id, device) -> _Run
         return report
 
     def save(output: Path) -> None:
-        offsets = None
-        if draft_ids is not None:
-            offsets = draft_ids.cpu() - torch.arange(len(draft_ids))
-        save_dflash_network(network, output, draft_to_target=offsets)
+        if draft_ids is None:
+            save_dflash_network(network, output)
+            return
+        offsets = draft_ids.cpu() - torch.arange(len(draft_ids))
+        save_dflash_network(network, output, draft_to_target=offsets, draft_head=head)
 
     data_recipe["draft_vocabulary"] = (
         {"size": args.draft_vocab, "chosen": "most frequent tokens of the answers' outputs"}
