@@ -16,11 +16,8 @@ The target's answers (128 tokens, greedy, by vLLM) and their features are kept i
 from __future__ import annotations
 
 import argparse
-import ast
 import json
-import random
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -29,6 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from public_sets import load_public_prompts, provenance  # noqa: E402
+from quote_set import DESCRIPTION as QUOTE_DESCRIPTION  # noqa: E402
+from quote_set import quote_prompts  # noqa: E402
 from run_bench import machine, versions  # noqa: E402
 
 from dlmspec_vllm.drafters.dflash import DFlashDrafter  # noqa: E402
@@ -42,45 +41,10 @@ from dlmspec_vllm.training.answers import (  # noqa: E402
 )
 from dlmspec_vllm.training.chat_sources import SourcePrompt  # noqa: E402
 from dlmspec_vllm.training.command import weights_sha256  # noqa: E402
-from dlmspec_vllm.training.corpus import STDLIB_FILES  # noqa: E402
 from dlmspec_vllm.training.dflash import FeatureSequence, teacher_forced_acceptance  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_NEW_TOKENS = 128
-QUOTE_PROMPTS = 40
-QUOTE_DESCRIPTION = (
-    f"quote: {QUOTE_PROMPTS} requests to repeat a prose paragraph (200-600 characters) of a "
-    "module docstring of a standard-library file the training corpus does not read, word for "
-    "word (seeded choice; benchmarks/drafter_curve.py)"
-)
-
-
-def quote_prompts(count: int = QUOTE_PROMPTS) -> list[SourcePrompt]:
-    """Requests whose answer is a document given in the prompt: what a drafter conditioned on
-    the context should find easiest. Documents: prose paragraphs of module docstrings of the
-    standard-library files the training corpus does not read (so no training prompt holds
-    them), seeded choice."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    paragraphs = set()
-    for path in sorted(root.glob("*.py")):
-        if path.name in STDLIB_FILES:
-            continue
-        try:
-            docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for paragraph in docstring.split("\n\n"):
-            text = " ".join(paragraph.split())
-            letters = sum(c.isalpha() or c == " " for c in text)
-            if 200 <= len(text) <= 600 and letters > 0.9 * len(text):
-                paragraphs.add(text)
-    chosen = random.Random(0).sample(sorted(paragraphs), count)
-    return [
-        SourcePrompt(
-            "quote", str(i), f"Repeat the following text exactly, word for word:\n\n{text}"
-        )
-        for i, text in enumerate(chosen)
-    ]
 
 
 def evaluation_store(

