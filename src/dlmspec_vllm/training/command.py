@@ -2,7 +2,7 @@
 
 Two kinds. ``--kind dream``: the drafter starts as a copy of the target's weights (optionally
 only its first ``--layers`` layers, so that it reads far fewer bytes per step than the target:
-what makes speculation pay on a memory-bound CPU, DESIGN.md section 4), made a Dream model
+what makes speculation pay on a memory-bound CPU, docs/design.md, Facts), made a Dream model
 (bidirectional attention, shifted logits), then trained with the masked-diffusion objective on
 text every machine has (the Python standard library) and on the target's own greedy answers to
 prompts cut from that text and from arithmetic and everyday-request templates.

@@ -3,7 +3,7 @@
 Dream-7B began as Qwen2.5-7B: same tensors, same names, attention made bidirectional and the
 logits left shifted. Doing the same for any Qwen2 or Llama target gives a drafter that already
 predicts the next token from the last context position, which is what a drafter's first position
-needs; masked-diffusion training then teaches it the later positions. DESIGN.md section 4 records
+needs; masked-diffusion training then teaches it the later positions. docs/design.md, Facts records
 that a drafter trained this way reached ~0.9 first-token acceptance where one trained without the
 shift reached 0.29.
 """
