@@ -131,6 +131,17 @@ def with_drafter(
     }
 
 
+def variant_drafters(specs: Sequence[str]) -> dict[str, Path]:
+    """--variant-drafter LABEL=DIR values by label."""
+    variants = {}
+    for spec in specs:
+        label, sep, directory = spec.partition("=")
+        if not sep or not label or not directory:
+            raise SystemExit(f"--variant-drafter {spec!r}: expected LABEL=DIR")
+        variants[label] = Path(directory)
+    return variants
+
+
 def _is_dflash(drafter: Path) -> bool:
     config = drafter / "config.json"
     return config.is_file() and "DFlashDraftModel" in json.loads(config.read_text()).get(
@@ -466,6 +477,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="another drafter: dlm configurations named NAME@previous run NAME with it",
     )
+    parser.add_argument(
+        "--variant-drafter",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="more drafters (repeatable): dlm configurations named NAME@LABEL run NAME with DIR",
+    )
     parser.add_argument("--prompts", type=Path, default=HERE / "prompts.json")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=512)
@@ -517,6 +535,8 @@ def main(argv: list[str] | None = None) -> None:
         configs |= {f"{name}{REFERENCE}": spec for name, spec in configs.items() if spec}
     if args.previous_drafter is not None:
         configs |= with_drafter(configs, args.previous_drafter, PREVIOUS)
+    for label, directory in variant_drafters(args.variant_drafter).items():
+        configs |= with_drafter(configs, directory, f"@{label}")
     unknown = [c for c in chosen if c not in configs]
     if unknown:
         raise SystemExit(f"unknown configs {unknown}; run with --list to see them")
@@ -545,6 +565,9 @@ def main(argv: list[str] | None = None) -> None:
             "target": str(args.target),
             "drafter": str(args.drafter) if args.drafter else None,
             "previous_drafter": str(args.previous_drafter) if args.previous_drafter else None,
+            "variant_drafters": {
+                label: str(path) for label, path in variant_drafters(args.variant_drafter).items()
+            },
             "ar_drafter": {"path": str(ar_dir), "layers": args.ar_layers},
             "batch_sizes": args.batch_sizes,
             "prompt_sets": args.sets,

@@ -352,6 +352,9 @@ def test_teacher_forced_acceptance_counts_leading_matches_from_every_anchor(part
     assert report["anchors"] == drafted
     assert report["position_acceptance"][-1] >= 1 / drafted
     assert report["mean_accepted_length"][str(drafted)] >= 1 + drafted / drafted
+    # A decoder takes the whole block in its first step, and that is its only step.
+    assert report["walked"][str(drafted)]["steps"] == 1
+    assert report["walked"][str(drafted)]["mean_accepted_length"] == 1 + drafted
     nothing = torch.full((VOCAB,), -1)
     nothing[MASK] = 0
     none = teacher_forced_acceptance(
@@ -359,6 +362,16 @@ def test_teacher_forced_acceptance_counts_leading_matches_from_every_anchor(part
     )
     assert none["position_acceptance"] == [0.0] * (CONFIG.block_size - 1)
     assert none["mean_accepted_length"] == {"4": 1.0, "8": 1.0}
+
+
+def test_walked_steps_skip_the_anchors_an_accepted_run_covers():
+    from dlmspec_vllm.training.dflash import _walked
+
+    walk = _walked([torch.tensor([2, 0, 0, 3, 1, 0, 0]), torch.tensor([0, 5])], k=4)
+    # Answer 1: steps at anchors 0 (2 right) and 3 (3 right); answer 2: anchors 0 and 1 (5 -> 4).
+    assert walk["steps"] == 4
+    assert walk["mean_accepted_length"] == 1 + (2 + 3 + 0 + 4) / 4
+    assert walk["position_acceptance"] == [0.75, 0.75, 0.5, 0.25]
 
 
 def test_batched_target_features_equal_each_row_alone(tiny_pair):

@@ -257,11 +257,16 @@ def teacher_forced_acceptance(
     features of the positions before it: what verification would accept at that point.
 
     Returns the share of anchors whose first j drafted tokens are all right (j = 1 .. block - 1)
-    and the mean accepted length per step (1 + matched drafts) for each draft length.
+    and the mean accepted length per step (1 + matched drafts) for each draft length. Counting
+    every anchor counts a run of right drafts once per token of it; a speculative decoder drafts
+    only from the anchors its steps reach (after m accepted drafts, the next anchor is m + 1
+    tokens on). ``walked`` gives, per draft length, those steps alone: mean accepted length and
+    per-position acceptance as vLLM counts them on the same answers.
     """
     runs = []
     for sequence in sequences:
         anchors = list(range(sequence.prompt_length, len(sequence.tokens) - 1))
+        pieces = []
         for start in range(0, len(anchors), ACCEPTANCE_ANCHORS_PER_PASS):
             chunk = anchors[start : start + ACCEPTANCE_ANCHORS_PER_PASS]
             out = dflash_loss(
@@ -273,7 +278,9 @@ def teacher_forced_acceptance(
                 target_to_draft=target_to_draft,
                 gamma=1.0,
             )
-            runs.append(out.runs.cpu())
+            pieces.append(out.runs.cpu())
+        if pieces:
+            runs.append(torch.cat(pieces))
     run = torch.cat(runs).float() if runs else torch.zeros(0)
     block = network.config.block_size
     return {
@@ -285,6 +292,29 @@ def teacher_forced_acceptance(
         "mean_accepted_length": {
             str(k): round(1 + float(run.clamp_max(k).mean()), 4) for k in draft_lengths
         },
+        "walked": {str(k): _walked(runs, k) for k in draft_lengths},
+    }
+
+
+def _walked(runs: Sequence[torch.Tensor], k: int) -> dict[str, Any]:
+    """The steps a decoder drafting k tokens reaches in each answer (``runs``: right drafts from
+    every anchor, in order), and what they accept."""
+    reached = []
+    for answer in runs:
+        matched = answer.clamp_max(k).tolist()
+        anchor = 0
+        while anchor < len(matched):
+            reached.append(matched[anchor])
+            anchor += matched[anchor] + 1
+    steps = torch.tensor(reached, dtype=torch.float32)
+    if not len(steps):
+        return {"steps": 0, "mean_accepted_length": None, "position_acceptance": []}
+    return {
+        "steps": len(steps),
+        "mean_accepted_length": round(1 + float(steps.mean()), 4),
+        "position_acceptance": [
+            round(float((steps >= j).float().mean()), 4) for j in range(1, k + 1)
+        ],
     }
 
 
