@@ -23,7 +23,9 @@ case, so a run cut short still leaves what it measured) and OUT_DIR/gpu_check.lo
    trains and under bfloat16 autocast; median seconds per step.
 
 Every case catches its own OOM and errors and has a time limit; no case starts after
-STOP_ADDING_S seconds, so the whole run ends before DEADLINE_S.
+STOP_ADDING_S seconds, so the whole run ends before DEADLINE_S. A drafter case that runs out of
+memory is run again at half the batch until it fits; the JSON keeps the "oom" row and marks the
+smaller one with ``requested_batch``.
 """
 
 from __future__ import annotations
@@ -531,6 +533,35 @@ def drafter_parts(family: str, shapes: Shapes, device: torch.device, dtype: torc
     return network, embed, head, config
 
 
+def fitting_batch(
+    run: Run,
+    device: torch.device,
+    label: str,
+    batch: int,
+    context: int,
+    one: Callable[[int], dict],
+) -> list[dict[str, Any]]:
+    """The case at ``batch``; if it runs out of memory, again at half the batch until it fits
+    (or batch 1 does not). Every attempt is a row of its own; a reduced one names the batch it
+    stands for (``requested_batch``) and says why."""
+    rows = []
+    tried = batch
+    while True:
+        row: dict[str, Any] = {"drafter": label, "batch": tried, "context": context}
+        if tried != batch:
+            row["requested_batch"] = batch
+            row["note"] = f"batch {batch} ran out of memory at context {context}: reduced"
+        row = guarded(run, device, row, lambda tried=tried: one(tried))
+        run.report["drafters"].append(row)
+        run.save()
+        rows.append(row)
+        if row["status"] != "oom" or tried == 1:
+            return rows
+        tried //= 2
+        if not run.may_start(f"{label} b{tried} ctx{context} (reduced from b{batch})"):
+            return rows
+
+
 def drafter_section(run: Run, device: torch.device, shapes: Shapes) -> None:
     dtype = torch.bfloat16
     families = (
@@ -569,22 +600,20 @@ def drafter_section(run: Run, device: torch.device, shapes: Shapes) -> None:
         for batch, context in cases:
             if not run.may_start(f"{label} b{batch} ctx{context}"):
                 continue
-            row: dict[str, Any] = {"drafter": label, "batch": batch, "context": context}
             if family == "dflash":
 
-                def one(batch=batch, context=context, parts=parts) -> dict:
+                def one(batch: int, context=context, parts=parts) -> dict:
                     return dflash_case(parts, device, batch, context, shapes)
             else:
                 drafter_cls = DreamDrafter if family == "dream" else FastDllmV2Drafter
                 config = shapes.dream if family == "dream" else shapes.fast_dllm
 
                 def one(
-                    batch=batch, context=context, cls=drafter_cls, config=config, parts=parts
+                    batch: int, context=context, cls=drafter_cls, config=config, parts=parts
                 ) -> dict:
                     return diffusion_case(cls, parts, config, device, batch, context, shapes)
 
-            run.report["drafters"].append(guarded(run, device, row, one))
-            run.save()
+            fitting_batch(run, device, label, batch, context, one)
         parts = None
         free_memory(device)
 

@@ -37,7 +37,7 @@ def test_tiny_gpu_check_times_every_case(tmp_path):
         [sys.executable, "-c", NO_VLLM, str(SCRIPT), str(out), "--tiny", "--threads", "1"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     files = [p for p in out.rglob("*") if p.is_file()]
@@ -73,3 +73,23 @@ def test_tiny_gpu_check_times_every_case(tmp_path):
     for name in ("prune", "path_search"):
         assert kernels[name] and all(r["status"] == "ok" for r in kernels[name])
         assert all(_positive(r["twin_ms"]) for r in kernels[name])
+
+
+def test_a_drafter_case_that_runs_out_of_memory_is_rerun_at_a_smaller_batch(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+    import torch
+
+    run = gpu_check.Run(tmp_path, {"skipped_for_time": [], "drafters": []})
+
+    def one(batch: int) -> dict:
+        if batch > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB")
+        return {"median_ms": 1.0 * batch}
+
+    rows = gpu_check.fitting_batch(run, torch.device("cpu"), "dream-7b", 64, 4096, one)
+    assert [(r["batch"], r["status"]) for r in rows] == [(64, "oom"), (32, "oom"), (16, "ok")]
+    assert rows[-1]["requested_batch"] == 64 and "reduced" in rows[-1]["note"]
+    assert "requested_batch" not in rows[0]
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())["drafters"]
+    assert [r["batch"] for r in saved] == [64, 32, 16]
