@@ -7,7 +7,7 @@ export LD_PRELOAD := $(abspath $(VENV))/lib/libiomp5.so
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast lint
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -ra tests
+
+# The tests that start no vLLM engine.
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not vllm" tests
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -31,7 +31,10 @@ from quote_set import quote_prompts  # noqa: E402
 from run_bench import machine, versions  # noqa: E402
 
 from dlmspec_vllm.drafters.dflash import DFlashDrafter  # noqa: E402
-from dlmspec_vllm.targets import DEFAULT_CACHE  # noqa: E402
+from dlmspec_vllm.targets import (
+    DEFAULT_CACHE,  # noqa: E402
+    weights_sha256,  # noqa: E402
+)
 from dlmspec_vllm.training.answers import (  # noqa: E402
     AnswerStore,
     PromptPlan,
@@ -40,7 +43,6 @@ from dlmspec_vllm.training.answers import (  # noqa: E402
     shard_features,
 )
 from dlmspec_vllm.training.chat_sources import SourcePrompt  # noqa: E402
-from dlmspec_vllm.training.command import weights_sha256  # noqa: E402
 from dlmspec_vllm.training.dflash import FeatureSequence, teacher_forced_acceptance  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

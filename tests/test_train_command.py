@@ -184,8 +184,8 @@ def _store_for(target: Path, directory: Path, vocab_size: int) -> list[str]:
     """An answer store of 40 random answers for ``target``; returns their keys."""
     import numpy as np
 
+    from dlmspec_vllm.targets import weights_sha256
     from dlmspec_vllm.training.answers import Answer, AnswerStore
-    from dlmspec_vllm.training.command import weights_sha256
 
     store = AnswerStore(directory, target_sha256=weights_sha256(target), decoding={"test": 1})
     rng = np.random.default_rng(0)

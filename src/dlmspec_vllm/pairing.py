@@ -16,7 +16,8 @@ from dlmspec_vllm.drafters.bridge import (
     check_bridge_pairing,
     shares_vocabulary,
 )
-from dlmspec_vllm.drafters.loading import describe_checkpoint, resolve_checkpoint_dir
+from dlmspec_vllm.drafters.checkpoint import resolve_checkpoint_dir
+from dlmspec_vllm.drafters.loading import describe_checkpoint
 
 logger = logging.getLogger(__name__)
 

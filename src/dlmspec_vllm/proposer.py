@@ -35,8 +35,9 @@ from dlmspec_vllm.drafters.base import (
     StepFeatures,
     TargetConditionedDrafter,
 )
+from dlmspec_vllm.drafters.checkpoint import resolve_checkpoint_dir
 from dlmspec_vllm.drafters.context_lookup import context_continuations
-from dlmspec_vllm.drafters.loading import load_drafter, resolve_checkpoint_dir
+from dlmspec_vllm.drafters.loading import load_drafter
 from dlmspec_vllm.lattice.chooser import PathChooser
 
 if TYPE_CHECKING:

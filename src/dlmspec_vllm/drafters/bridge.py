@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from dlmspec_vllm.drafters.base import DraftBlock
+from dlmspec_vllm.drafters.checkpoint import DrafterLoadError
 from dlmspec_vllm.drafters.diffusion import DiffusionDrafter
-from dlmspec_vllm.drafters.loading import DrafterLoadError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -1,4 +1,6 @@
-"""Read and write a drafter network's weights in its Hugging Face layout (safetensors).
+"""Read and write a drafter checkpoint directory: its config.json, its safetensors files, and a
+network's weights in its Hugging Face layout. Every drafter family and the registry (loading.py)
+read checkpoints through this module, which imports none of them.
 
 One loader for every family: the module tree is built on the meta device and the checkpoint's
 tensors are assigned in place, so a 7B or 8B checkpoint is read once, straight into the wanted
@@ -16,10 +18,82 @@ from typing import Any, TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from dlmspec_vllm.drafters.loading import DrafterLoadError, safetensors_files
 from dlmspec_vllm.drafters.transformer import DiffusionNetwork, RotaryEmbedding
 
 NetworkT = TypeVar("NetworkT", bound=DiffusionNetwork)
+
+
+class DrafterLoadError(ValueError):
+    """A draft_model directory that cannot be used as a diffusion drafter, and why."""
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The parsed config.json of a checkpoint directory."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise DrafterLoadError(
+            f"draft_model path {path} has no config.json: point `draft_model` at a Hugging Face "
+            "checkpoint directory (config.json + *.safetensors)"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise DrafterLoadError(
+            f"draft_model config {config_file} is not valid JSON: {err}"
+        ) from err
+    if not isinstance(config, dict):
+        raise DrafterLoadError(f"draft_model config {config_file} is not a JSON object")
+    return config
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """Weight files of a checkpoint: the shards its index names, else model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        shards = [path / name for name in sorted(set(weight_map.values()))]
+        absent = [shard.name for shard in shards if not shard.is_file()]
+        if not shards or absent:
+            raise DrafterLoadError(
+                f"draft_model {path}: model.safetensors.index.json names missing shards {absent}"
+            )
+        return shards
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    hint = f" (found {', '.join(others)}: convert them to safetensors)" if others else ""
+    raise DrafterLoadError(
+        f"draft_model {path} has no weights: expected model.safetensors or "
+        f"model.safetensors.index.json{hint}"
+    )
+
+
+def resolve_checkpoint_dir(draft_model: str | Path) -> Path:
+    """The local directory of `draft_model`: a path as given, else a Hugging Face id found in
+    (or, where the hub is reachable, downloaded into) the local Hugging Face cache."""
+    path = Path(draft_model).expanduser()
+    if path.is_dir():
+        return path
+    if (
+        path.exists()
+        or str(draft_model).startswith((".", "/", "~"))
+        or str(draft_model).count("/") != 1
+    ):
+        raise DrafterLoadError(
+            f"draft_model path {draft_model} does not exist (or is not a directory): set "
+            "`draft_model` to a local checkpoint directory or a Hugging Face id"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(draft_model)))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        raise DrafterLoadError(
+            f"draft_model {draft_model!r} is neither a local directory nor a Hugging Face id "
+            f"available here ({type(err).__name__}): download it first or give a local path"
+        ) from None
 
 
 def load_network(

@@ -46,7 +46,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dlmspec_vllm.drafters.base import DraftBlock, DraftingOptions, StepFeatures, TargetFeatures
-from dlmspec_vllm.drafters.loading import (
+from dlmspec_vllm.drafters.checkpoint import (
     DrafterLoadError,
     read_config,
     resolve_checkpoint_dir,

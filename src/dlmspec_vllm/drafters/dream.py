@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 
-from dlmspec_vllm.drafters.checkpoint import load_network, save_network
+from dlmspec_vllm.drafters.checkpoint import load_network, read_config, save_network
 from dlmspec_vllm.drafters.diffusion import DiffusionDrafter
-from dlmspec_vllm.drafters.loading import read_config
 from dlmspec_vllm.drafters.qwen2_layout import Qwen2LayoutConfig, Qwen2LayoutModel
 
 DREAM_MODEL_TYPE = "Dream"

@@ -25,9 +25,13 @@ from typing import Any
 import torch
 
 from dlmspec_vllm.drafters.base import DraftingOptions
-from dlmspec_vllm.drafters.checkpoint import load_network, save_network
+from dlmspec_vllm.drafters.checkpoint import (
+    DrafterLoadError,
+    load_network,
+    read_config,
+    save_network,
+)
 from dlmspec_vllm.drafters.diffusion import DiffusionDrafter
-from dlmspec_vllm.drafters.loading import DrafterLoadError, read_config
 from dlmspec_vllm.drafters.qwen2_layout import Qwen2LayoutConfig, Qwen2LayoutModel
 
 FAST_DLLM_MODEL_TYPE = "Fast_dLLM_Qwen"

@@ -33,9 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlmspec_vllm.drafters.checkpoint import load_network, save_network
+from dlmspec_vllm.drafters.checkpoint import (
+    DrafterLoadError,
+    load_network,
+    read_config,
+    save_network,
+)
 from dlmspec_vllm.drafters.diffusion import DiffusionDrafter
-from dlmspec_vllm.drafters.loading import DrafterLoadError, read_config
 from dlmspec_vllm.drafters.transformer import (
     DiffusionNetwork,
     LayerKV,

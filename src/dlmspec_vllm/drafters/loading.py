@@ -9,7 +9,6 @@ when chosen, so supporting a family costs nothing to users of the others.
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dlmspec_vllm.drafters.base import Drafter, DraftingOptions
+from dlmspec_vllm.drafters.checkpoint import (
+    DrafterLoadError,
+    read_config,
+    safetensors_files,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -42,52 +46,6 @@ DRAFTER_FAMILIES: tuple[DrafterFamily, ...] = (
     # DFlash checkpoints say model_type "qwen3", like any Qwen3 LM: known by architecture only.
     DrafterFamily("", ("DFlashDraftModel",), "dlmspec_vllm.drafters.dflash:DFlashDrafter"),
 )
-
-
-class DrafterLoadError(ValueError):
-    """A draft_model directory that cannot be used as a diffusion drafter, and why."""
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """The parsed config.json of a checkpoint directory."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise DrafterLoadError(
-            f"draft_model path {path} has no config.json: point `draft_model` at a Hugging Face "
-            "checkpoint directory (config.json + *.safetensors)"
-        )
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise DrafterLoadError(
-            f"draft_model config {config_file} is not valid JSON: {err}"
-        ) from err
-    if not isinstance(config, dict):
-        raise DrafterLoadError(f"draft_model config {config_file} is not a JSON object")
-    return config
-
-
-def safetensors_files(path: Path) -> list[Path]:
-    """Weight files of a checkpoint: the shards its index names, else model.safetensors."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        shards = [path / name for name in sorted(set(weight_map.values()))]
-        absent = [shard.name for shard in shards if not shard.is_file()]
-        if not shards or absent:
-            raise DrafterLoadError(
-                f"draft_model {path}: model.safetensors.index.json names missing shards {absent}"
-            )
-        return shards
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-    hint = f" (found {', '.join(others)}: convert them to safetensors)" if others else ""
-    raise DrafterLoadError(
-        f"draft_model {path} has no weights: expected model.safetensors or "
-        f"model.safetensors.index.json{hint}"
-    )
 
 
 def drafter_class_path(config: dict[str, Any], path: Path) -> str:
@@ -176,33 +134,6 @@ def load_drafter(
         drafter_tokenizer=tokenizers[1],
         target_vocab_size=target_vocab_size,
     )
-
-
-def resolve_checkpoint_dir(draft_model: str | Path) -> Path:
-    """The local directory of `draft_model`: a path as given, else a Hugging Face id found in
-    (or, where the hub is reachable, downloaded into) the local Hugging Face cache."""
-    path = Path(draft_model).expanduser()
-    if path.is_dir():
-        return path
-    if (
-        path.exists()
-        or str(draft_model).startswith((".", "/", "~"))
-        or str(draft_model).count("/") != 1
-    ):
-        raise DrafterLoadError(
-            f"draft_model path {draft_model} does not exist (or is not a directory): set "
-            "`draft_model` to a local checkpoint directory or a Hugging Face id"
-        )
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(str(draft_model)))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
-        raise DrafterLoadError(
-            f"draft_model {draft_model!r} is neither a local directory nor a Hugging Face id "
-            f"available here ({type(err).__name__}): download it first or give a local path"
-        ) from None
 
 
 def describe_checkpoint(path: Path) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dlmspec_vllm.drafters.loading import DrafterLoadError
+from dlmspec_vllm.drafters.checkpoint import DrafterLoadError
 from dlmspec_vllm.drafters.transformer import (
     DiffusionNetwork,
     LayerKV,

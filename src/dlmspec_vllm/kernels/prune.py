@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from dlmspec_vllm.kernels import check_launch_device
-from dlmspec_vllm.lattice.prune import PAD_ID, Lattice, check_prune_args
+from dlmspec_vllm.lattice.types import PAD_ID, Lattice, check_prune_args
 
 _NO_ID = 2147483647  # sorts after every real and placeholder id
 

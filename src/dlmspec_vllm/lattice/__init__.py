@@ -4,7 +4,7 @@ The proposer calls ``select_paths``; the rest is public for tests, benchmarks an
 Everything here is torch; CUDA tensors are routed to the Triton kernels in ``kernels/``.
 """
 
-from dlmspec_vllm.lattice.prune import PAD_ID, Lattice, prune, prune_reference
+from dlmspec_vllm.lattice.prune import prune, prune_reference
 from dlmspec_vllm.lattice.scorers import (
     ArpaNgramScorer,
     CausalScorer,
@@ -20,6 +20,7 @@ from dlmspec_vllm.lattice.search import (
     viterbi,
     viterbi_reference,
 )
+from dlmspec_vllm.lattice.types import PAD_ID, Lattice
 
 __all__ = [
     "MAX_DP_TRANSITIONS",

@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from dlmspec_vllm.lattice.prune import Lattice, prune
+from dlmspec_vllm.lattice.prune import prune
 from dlmspec_vllm.lattice.scorers import CausalScorer
+from dlmspec_vllm.lattice.types import Lattice
 
 if TYPE_CHECKING:
     from dlmspec_vllm.drafters.base import DraftBlock

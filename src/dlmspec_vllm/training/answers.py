@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlmspec_vllm.targets import weights_sha256
 from dlmspec_vllm.training.chat_sources import (
     SOURCES,
     SourcePrompt,
@@ -421,8 +422,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--exclude-prompts: no such file {missing}")
 
     from transformers import AutoTokenizer
-
-    from dlmspec_vllm.training.command import weights_sha256
 
     decoding = {
         "greedy": True,

@@ -47,7 +47,7 @@ import torch
 
 from dlmspec_vllm.drafters.dflash import default_target_layer_ids, save_dflash_network
 from dlmspec_vllm.drafters.dream import DreamModel, save_dream_model
-from dlmspec_vllm.targets import copy_tokenizer_files
+from dlmspec_vllm.targets import copy_tokenizer_files, weights_sha256
 from dlmspec_vllm.training.answers import (
     VALIDATION_EVERY,
     AnswerStore,
@@ -684,15 +684,6 @@ def _mask_token(tokenizer: PreTrainedTokenizerBase, requested: str | None) -> tu
     if ids[0] is None or ids[0] == tokenizer.unk_token_id:
         raise SystemExit(f"--mask-token {requested!r} is not a token of the target's tokenizer")
     return requested, ids[0]
-
-
-def weights_sha256(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(directory.glob("*.safetensors")):
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _tail_mean(losses: list[float]) -> float:
