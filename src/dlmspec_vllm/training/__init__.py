@@ -1,7 +1,7 @@
-"""Training drafters: Dream from an AR target's weights, then masked-diffusion steps.
-
-Grows into the `dlmspec train-drafter` command; the test fixtures use the same functions.
-"""
+"""Training drafters (`dlmspec train-drafter`, training/command.py): a Dream drafter from an AR
+target's weights with masked-diffusion steps, or a DFlash drafter on the target's answers and
+hidden states (training/dflash.py, the answer store in training/answers.py). The package exports
+the Dream pieces the test fixtures use."""
 
 from dlmspec_vllm.training.conversion import dream_config_from_causal_lm, dream_from_causal_lm
 from dlmspec_vllm.training.data import random_windows

@@ -84,7 +84,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 KINDS = ("dream", "dflash")
-LATER_KINDS = ("block",)
 DATA_CHOICES = ("stdlib", "target-generations", "both")
 # With --data both, the share of batch rows cut from the target's generations: they are few
 # tokens next to the library's, and they are what the drafter is judged on.
@@ -183,8 +182,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     if args.kind not in KINDS:
-        later = " (planned, not implemented yet)" if args.kind in LATER_KINDS else ""
-        parser.error(f"--kind {args.kind!r}{later}: supported kinds are {', '.join(KINDS)}")
+        parser.error(f"--kind {args.kind!r}: supported kinds are {', '.join(KINDS)}")
     if args.block_size is None:
         args.block_size = 16 if args.kind == "dflash" else 8
     low, _, high = args.seq_len.partition(":")
