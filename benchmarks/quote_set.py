@@ -12,6 +12,7 @@ import random
 import sysconfig
 from pathlib import Path
 
+from dlmspec_vllm.training.answers import prose_paragraphs
 from dlmspec_vllm.training.chat_sources import SourcePrompt
 from dlmspec_vllm.training.corpus import STDLIB_FILES
 
@@ -34,11 +35,7 @@ def quote_prompts(count: int = PROMPTS) -> list[SourcePrompt]:
             docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
         except (SyntaxError, UnicodeDecodeError):
             continue
-        for paragraph in docstring.split("\n\n"):
-            text = " ".join(paragraph.split())
-            letters = sum(c.isalpha() or c == " " for c in text)
-            if 200 <= len(text) <= 600 and letters > 0.9 * len(text):
-                paragraphs.add(text)
+        paragraphs.update(prose_paragraphs(docstring))
     chosen = random.Random(0).sample(sorted(paragraphs), count)
     return [
         SourcePrompt(NAME, str(i), f"Repeat the following text exactly, word for word:\n\n{text}")

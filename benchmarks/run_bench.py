@@ -535,7 +535,8 @@ def main(argv: list[str] | None = None) -> None:
         configs |= {f"{name}{REFERENCE}": spec for name, spec in configs.items() if spec}
     if args.previous_drafter is not None:
         configs |= with_drafter(configs, args.previous_drafter, PREVIOUS)
-    for label, directory in variant_drafters(args.variant_drafter).items():
+    variants = variant_drafters(args.variant_drafter)
+    for label, directory in variants.items():
         configs |= with_drafter(configs, directory, f"@{label}")
     unknown = [c for c in chosen if c not in configs]
     if unknown:
@@ -565,9 +566,7 @@ def main(argv: list[str] | None = None) -> None:
             "target": str(args.target),
             "drafter": str(args.drafter) if args.drafter else None,
             "previous_drafter": str(args.previous_drafter) if args.previous_drafter else None,
-            "variant_drafters": {
-                label: str(path) for label, path in variant_drafters(args.variant_drafter).items()
-            },
+            "variant_drafters": {label: str(path) for label, path in variants.items()},
             "ar_drafter": {"path": str(ar_dir), "layers": args.ar_layers},
             "batch_sizes": args.batch_sizes,
             "prompt_sets": args.sets,

@@ -84,20 +84,26 @@ def stdlib_code_prompts() -> list[SourcePrompt]:
     return prompts
 
 
+def prose_paragraphs(docstring: str) -> list[str]:
+    """The docstring's paragraphs of 200-600 characters, nine tenths letters and spaces,
+    whitespace joined."""
+    paragraphs = []
+    for paragraph in docstring.split("\n\n"):
+        joined = " ".join(paragraph.split())
+        letters = sum(c.isalpha() or c == " " for c in joined)
+        if SHORTEST_PARAGRAPH <= len(joined) <= LONGEST_PARAGRAPH and letters > 0.9 * len(joined):
+            paragraphs.append(joined)
+    return paragraphs
+
+
 def docstring_paragraphs(documents: Sequence[str]) -> list[str]:
-    """Prose paragraphs (200-600 characters, nine tenths letters and spaces) of every docstring
-    of the documents, whitespace joined, deduplicated, in document and ``ast.walk`` order."""
+    """The prose paragraphs of every docstring of the documents, deduplicated, in document and
+    ``ast.walk`` order."""
     paragraphs: dict[str, None] = {}
     for text in documents:
         for node in ast.walk(ast.parse(text)):
-            if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef):
-                continue
-            for paragraph in (ast.get_docstring(node) or "").split("\n\n"):
-                joined = " ".join(paragraph.split())
-                letters = sum(c.isalpha() or c == " " for c in joined)
-                if SHORTEST_PARAGRAPH <= len(joined) <= LONGEST_PARAGRAPH:
-                    if letters > 0.9 * len(joined):
-                        paragraphs[joined] = None
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef):
+                paragraphs.update(dict.fromkeys(prose_paragraphs(ast.get_docstring(node) or "")))
     return list(paragraphs)
 
 
