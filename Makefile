@@ -11,17 +11,18 @@ export HF_HUB_OFFLINE := 1
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml harness/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(FIND_LINKS) "torch==2.13.0"
 	$(PY) -m pip install -q $(FIND_LINKS) -e ".[cpu,targets,dev]"
+	$(PY) -m pip install -q -e harness
 	# Their CUDA builds break `import transformers` next to the CPU torch (docs/design.md, Facts).
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
 demo: install
-	OMP_NUM_THREADS=2 $(PY) -m dlmspec_vllm.cli demo
+	OMP_NUM_THREADS=2 $(PY) -m dlmspec_harness.demo
 
 test: install
 	$(PY) -m pytest -q -ra tests
@@ -31,5 +32,5 @@ test-fast: install
 	$(PY) -m pytest -q -ra -m "not vllm" tests
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src harness tests benchmarks
+	$(VENV)/bin/ruff format --check src harness tests benchmarks

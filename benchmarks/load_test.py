@@ -28,7 +28,7 @@ from typing import Any
 
 from run_bench import machine, versions
 
-from dlmspec_vllm.serving import (
+from dlmspec_harness.serving import (
     LoadRequest,
     OpenAIServer,
     greedy_mismatches,
@@ -132,7 +132,7 @@ def _short(report: dict[str, Any] | None) -> dict[str, Any] | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.target is None or args.drafter is None:
-        from dlmspec_vllm.tiny_pair import cached_tiny_pair
+        from dlmspec_harness.tiny_pair import cached_tiny_pair
 
         print(f"building (or reusing) the tiny pair under {args.cache_dir} ...", flush=True)
         pair = cached_tiny_pair(args.cache_dir)

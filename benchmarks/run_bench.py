@@ -1,6 +1,6 @@
 """Serve the same prompts through vLLM with and without speculation, side by side, in one run.
 
-One engine per configuration, each in a process of its own (dlmspec_vllm.offline_run): no
+One engine per configuration, each in a process of its own (dlmspec_harness.offline_run): no
 speculation; vLLM's ngram; vLLM's draft_model with an autoregressive drafter (the target's first
 layers, untrained after the cut); and the dlm method with each length controller, with and
 without the lattice path search, and with context lookup (drafts copied from the request's own
@@ -38,7 +38,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from dlmspec_vllm.offline_run import (
+from dlmspec_harness.offline_run import (
     Batch,
     BatchResult,
     EngineJob,
@@ -506,19 +506,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_reference_harness(reference_src: Path) -> None:
-    """The reference's engine runs through its own offline_run module (it lives in the
-    package): it must be this checkout's, so both sides are driven alike."""
-    import dlmspec_vllm.offline_run as ours
-
-    theirs = reference_src / "dlmspec_vllm" / "offline_run.py"
-    if not theirs.is_file() or theirs.read_text() != Path(ours.__file__).read_text():
-        raise SystemExit(
-            f"{theirs} is not this checkout's offline_run.py: copy it there "
-            f"(cp {ours.__file__} {theirs}) so the reference is driven as this code is"
-        )
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     ar_dir = args.work_dir / f"{args.target.resolve().name}-first{args.ar_layers}"
@@ -526,8 +513,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.list:
         print("\n".join(configs))
         return
-    if args.reference_src is not None:
-        check_reference_harness(args.reference_src)
     chosen = [BASELINE] + [
         c for c in (args.configs.split(",") if args.configs else configs) if c != BASELINE
     ]
@@ -609,6 +594,8 @@ def main(argv: list[str] | None = None) -> None:
             if name.endswith(REFERENCE):
                 # An older proposer's report has other fields: its figures are vLLM's alone.
                 job = job.model_copy(update={"report_proposer": False})
+                # Only dlmspec_vllm comes from there: the engine still runs through this
+                # checkout's dlmspec_harness.offline_run, so both sides are driven alike.
                 env = {"PYTHONPATH": str(args.reference_src)}
             try:
                 result = run_in_subprocess(

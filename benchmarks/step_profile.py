@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 
 from run_bench import load_prompts, machine, versions  # noqa: E402
 
-from dlmspec_vllm.offline_run import engine_env  # noqa: E402
+from dlmspec_harness.offline_run import engine_env  # noqa: E402
 
 CONFIGS: dict[str, dict | None] = {
     "none": None,

@@ -272,7 +272,7 @@ def resolve_pair(args: argparse.Namespace) -> tuple[str, str]:
         return str(args.target), str(args.drafter)
     if args.tiny_pair_cache is None:
         raise SystemExit("give --target and --drafter, or --tiny-pair-cache DIR")
-    from dlmspec_vllm.tiny_pair import cached_tiny_pair
+    from dlmspec_harness.tiny_pair import cached_tiny_pair
 
     pair = cached_tiny_pair(args.tiny_pair_cache)
     return str(pair.target_dir), str(pair.drafter_dir)
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(HERE))
     from run_bench import machine, versions
 
-    from dlmspec_vllm.offline_run import engine_env
+    from dlmspec_harness.offline_run import engine_env
 
     target, drafter = resolve_pair(args)
     job = {

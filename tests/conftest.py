@@ -1,7 +1,7 @@
 """Shared test fixtures.
 
 ``tiny_pair`` (session-scoped) is a tiny target/drafter pair in the exact Hugging Face layout,
-built offline once per run (see src/dlmspec_vllm/tiny_pair.py for the recipe; the demo uses it too):
+built offline once per run (see harness/dlmspec_harness/tiny_pair.py for the recipe):
 
 - ``tiny_pair.target_dir``: Qwen2ForCausalLM checkpoint + tokenizer. It is also the ready-made
   "wrong drafter" for error tests: a plain autoregressive checkpoint.
@@ -30,7 +30,7 @@ import pytest
 if TYPE_CHECKING:
     from fixtures.tiny_drafters import TinyDrafter
 
-    from dlmspec_vllm.tiny_pair import TinyPair
+    from dlmspec_harness.tiny_pair import TinyPair
 
 # Tests never reach the Hugging Face hub; fail fast instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,7 +41,7 @@ _REPORT: list[str] = []
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> TinyPair:
     # Imported here so that sessions which never use the pair do not import transformers early.
-    from dlmspec_vllm.tiny_pair import build_tiny_pair, cached_tiny_pair
+    from dlmspec_harness.tiny_pair import build_tiny_pair, cached_tiny_pair
 
     cache = os.environ.get("DLMSPEC_TEST_CACHE")
     if cache:

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import run_bench  # noqa: E402
 
-from dlmspec_vllm.offline_run import engine_env  # noqa: E402
+from dlmspec_harness.offline_run import engine_env  # noqa: E402
 
 
 def engine_of(*flags: str) -> dict:

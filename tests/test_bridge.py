@@ -17,6 +17,7 @@ from fixtures.tiny_drafters import TinyDrafter, heldout_ids, ragged_contexts
 from tokenizers import Tokenizer, normalizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from dlmspec_harness.tiny_pair import HELDOUT_FILES, TinyPair
 from dlmspec_vllm.drafters.bridge import (
     BridgedDrafter,
     BridgePairingError,
@@ -26,7 +27,6 @@ from dlmspec_vllm.drafters.bridge import (
 from dlmspec_vllm.drafters.fast_dllm_v2 import FastDllmV2Drafter
 from dlmspec_vllm.drafters.llada import LLaDADrafter
 from dlmspec_vllm.drafters.loading import DrafterLoadError, load_drafter
-from dlmspec_vllm.tiny_pair import HELDOUT_FILES, TinyPair
 from dlmspec_vllm.training.corpus import stdlib_documents
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dlmspec_harness.offline_run import Batch, EngineJob, SamplingSettings, run_in_subprocess
 from dlmspec_vllm import integration
 from dlmspec_vllm.integration import cpu_sampling
-from dlmspec_vllm.offline_run import Batch, EngineJob, SamplingSettings, run_in_subprocess
 
 pytestmark = pytest.mark.skipif(
     not cpu_sampling.on_cpu_platform(), reason="vLLM's CPU platform only"

@@ -16,12 +16,12 @@ import pytest
 import torch
 from fixtures.tiny_drafters import TinyDrafter, heldout_ids
 
+from dlmspec_harness.tiny_pair import TinyPair
 from dlmspec_vllm.drafters.base import DraftingOptions
 from dlmspec_vllm.drafters.diffusion import DiffusionDrafter
 from dlmspec_vllm.drafters.dream import DreamDrafter
 from dlmspec_vllm.drafters.fast_dllm_v2 import FastDllmV2Drafter
 from dlmspec_vllm.drafters.loading import load_drafter
-from dlmspec_vllm.tiny_pair import TinyPair
 
 REQS = ["a", "b", "c"]
 

@@ -38,7 +38,7 @@ def test_config_validates_for_the_dlm_method(path: Path) -> None:
 def test_demo_pair_drafter_ships_with_the_repository() -> None:
     """`make demo` serves SmolLM2 with the DFlash drafter in demo-pair/: it must be there, be a
     DFlash checkpoint readable for SmolLM2's 30 layers, and stay small enough to commit."""
-    from dlmspec_vllm.demo import demo_speculative_config
+    from dlmspec_harness.demo import demo_speculative_config
     from dlmspec_vllm.drafters.loading import describe_checkpoint
 
     config = demo_speculative_config()

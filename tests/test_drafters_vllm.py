@@ -4,7 +4,7 @@ greedy.
 The target is the tiny pair's Qwen2. The Fast-dLLM v2 drafter shares its tokenizer; the LLaDA
 drafter has a tokenizer of its own, so it drafts through the vocabulary bridge. The DFlash
 checkpoint also serves vLLM's own `dflash` method, the peer the benchmark sets beside `dlm`.
-Each engine runs in its own process (dlmspec_vllm.offline_run); greedy tokens with speculation
+Each engine runs in its own process (dlmspec_harness.offline_run); greedy tokens with speculation
 must equal those without, token for token.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from dlmspec_vllm.offline_run import (
+from dlmspec_harness.offline_run import (
     Batch,
     EngineJob,
     EngineResult,

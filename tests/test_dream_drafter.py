@@ -21,10 +21,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from dlmspec_harness.tiny_pair import HELDOUT_FILES, TinyPair
 from dlmspec_vllm.drafters.base import DraftBlock
 from dlmspec_vllm.drafters.dream import DreamDrafter, DreamModel
 from dlmspec_vllm.drafters.loading import DrafterLoadError, load_drafter
-from dlmspec_vllm.tiny_pair import HELDOUT_FILES, TinyPair
 from dlmspec_vllm.training import dream_from_causal_lm
 from dlmspec_vllm.training.corpus import stdlib_documents
 

@@ -16,9 +16,9 @@ from fixtures.tiny_drafters import TinyDrafter, heldout_ids, ragged_contexts
 from safetensors.torch import load_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from dlmspec_harness.tiny_pair import TinyPair
 from dlmspec_vllm.drafters.fast_dllm_v2 import FastDllmV2Config, FastDllmV2Drafter
 from dlmspec_vllm.drafters.loading import DrafterLoadError, load_drafter
-from dlmspec_vllm.tiny_pair import TinyPair
 
 NEG_INF = float("-inf")
 

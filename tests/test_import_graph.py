@@ -82,3 +82,22 @@ def test_lazy_and_relative_imports_count():
     # lattice.prune imports the Triton kernel inside a function.
     assert "dlmspec_vllm.kernels.prune" in graph["dlmspec_vllm.lattice.prune"]
     assert "dlmspec_vllm.lattice.types" in graph["dlmspec_vllm.kernels.prune"]
+
+
+def test_the_package_imports_nothing_from_the_harness():
+    """The product wheel carries no harness: an import of it would fail where it is installed."""
+    harness = [
+        path.relative_to(PACKAGE.parent)
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        and any(
+            name == "dlmspec_harness" or name.startswith("dlmspec_harness.")
+            for name in (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+            )
+        )
+    ]
+    assert harness == []

@@ -14,7 +14,7 @@ import pytest
 import requests
 from fixtures.metrics_text import series
 
-from dlmspec_vllm.offline_run import (
+from dlmspec_harness.offline_run import (
     Batch,
     EngineJob,
     SamplingSettings,

@@ -15,7 +15,7 @@ import json
 import pytest
 import requests
 
-from dlmspec_vllm.serving import OpenAIServer, speculative_and_plain_servers
+from dlmspec_harness.serving import OpenAIServer, speculative_and_plain_servers
 
 pytestmark = pytest.mark.vllm
 

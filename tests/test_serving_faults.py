@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from dlmspec_vllm.serving import OpenAIServer, make_load, speculative_and_plain_servers
+from dlmspec_harness.serving import OpenAIServer, make_load, speculative_and_plain_servers
 
 pytestmark = pytest.mark.vllm
 

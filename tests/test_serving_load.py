@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from dlmspec_vllm.serving import (
+from dlmspec_harness.serving import (
     OpenAIServer,
     greedy_mismatches,
     make_load,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dlmspec_vllm.serving import OpenAIServer
+from dlmspec_harness.serving import OpenAIServer
 
 pytestmark = pytest.mark.vllm
 

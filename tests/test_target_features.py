@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from dlmspec_vllm.offline_run import engine_env
+from dlmspec_harness.offline_run import engine_env
 
 pytestmark = pytest.mark.vllm
 

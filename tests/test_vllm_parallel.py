@@ -19,14 +19,14 @@ import pytest
 import requests
 from fixtures.metrics_text import series
 
-from dlmspec_vllm.integration.metrics import PUBLISH_INTERVAL_SECONDS
-from dlmspec_vllm.offline_run import (
+from dlmspec_harness.offline_run import (
     Batch,
     EngineJob,
     SamplingSettings,
     engine_env,
     run_in_subprocess,
 )
+from dlmspec_vllm.integration.metrics import PUBLISH_INTERVAL_SECONDS
 
 pytestmark = pytest.mark.vllm
 

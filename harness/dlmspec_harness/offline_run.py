@@ -1,6 +1,6 @@
 """Run one vLLM engine over fixed batches of prompts and report outputs, timing and counters.
 
-Each engine configuration runs in a process of its own (`python -m dlmspec_vllm.offline_run
+Each engine configuration runs in a process of its own (`python -m dlmspec_harness.offline_run
 JOB.json RESULT.json`), so tests, the demo and the benchmarks compare configurations side by
 side without two engines ever sharing one process's global state.
 """
@@ -226,7 +226,7 @@ def run_in_subprocess(
             # vLLM allows only when asked; these runs are local tests and benchmarks.
             env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         completed = subprocess.run(
-            [sys.executable, "-m", "dlmspec_vllm.offline_run", str(job_file), str(result_file)],
+            [sys.executable, "-m", "dlmspec_harness.offline_run", str(job_file), str(result_file)],
             env=env,
             capture_output=True,
             text=True,
@@ -247,7 +247,7 @@ class EngineRunError(RuntimeError):
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        raise SystemExit("usage: python -m dlmspec_vllm.offline_run JOB.json RESULT.json")
+        raise SystemExit("usage: python -m dlmspec_harness.offline_run JOB.json RESULT.json")
     job = EngineJob.model_validate_json(Path(argv[0]).read_text())
     result = run_job(job)
     Path(argv[1]).write_text(json.dumps(result.model_dump(), indent=1))

