@@ -6,12 +6,13 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from dlmspec_vllm.config import DlmSpeculativeConfig
-from dlmspec_vllm.drafters.base import DraftBlock
+from dlmspec_vllm.drafters.base import DraftBlock, StepFeatures
 from dlmspec_vllm.integration.speculative_config import SETTINGS_ATTRIBUTE
-from dlmspec_vllm.proposer import DlmProposer, StepBatch
+from dlmspec_vllm.proposer import DlmProposer, DrafterProfileError, StepBatch
 
 VOCAB, EOS, MAX_LEN = 32, 0, 64
 
@@ -271,3 +272,69 @@ def test_the_metrics_count_what_vllm_verified_by_source():
     # The drafter ran in both steps (for "b"): two steps in the histogram of its seconds.
     assert sum(metrics["drafter_seconds"]["counts"]) == 2
     assert metrics["tracked_requests"] == 2
+
+
+class ScriptedTargetConditionedDrafter(ScriptedDrafter):
+    """A ScriptedDrafter that reads target features: it keeps every step it is handed."""
+
+    target_layer_ids = (0, 2)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[StepFeatures] = []
+        self.held: dict[str, int] = {}
+
+    def observe_step(self, features: StepFeatures) -> None:
+        self.steps.append(features)
+        for req_id, count in zip(features.req_ids, features.counts):
+            self.held[req_id] = self.held.get(req_id, 0) + count
+
+    def forget(self, req_id: str) -> None:
+        super().forget(req_id)
+        self.held.pop(req_id, None)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(self.held.values())
+
+
+def test_the_profile_pass_drafts_the_largest_step_and_forgets_it():
+    proposer, drafter = make_proposer(num_speculative_tokens=4, max_draft_context=20)
+    profiled = proposer.profile(max_requests=3, max_step_tokens=16, target_hidden_size=8)
+    # Every request drafts k after the longest context it may draft after (the window, 20 of
+    # the engine's 60).
+    assert [[len(c) for c in contexts] for contexts, _ in drafter.calls] == [[20, 20, 20]]
+    assert [lengths for _, lengths in drafter.calls] == [[4, 4, 4]]
+    assert (profiled.requests, profiled.draft_tokens, profiled.context_tokens) == (3, 4, 20)
+    assert sorted(drafter.forgotten) == [f"dlmspec-profile-{i}" for i in range(3)]
+    assert proposer.num_tracked_requests == 0
+    assert proposer.report()["profiled"]["requests"] == 3
+    # Steps after the profile are the engine's own: nothing of the profile reaches them.
+    assert step(proposer, {"a": [1, 2, 3]}, {"a": [3]}) == [[4, 5, 6, 7]]
+
+
+def test_the_profile_pass_fills_a_target_conditioned_drafters_context_budget():
+    proposer, _ = make_proposer(num_speculative_tokens=4, drafting={"cache_max_tokens": 100})
+    proposer.drafter = drafter = ScriptedTargetConditionedDrafter()
+    profiled = proposer.profile(max_requests=4, max_step_tokens=16, target_hidden_size=8)
+    # The budget of 100 tokens shared by 4 requests: 25 context tokens each, taken in as
+    # target features in steps of at most 16 rows, 2 layers x 8 values each.
+    assert profiled.context_tokens == 25
+    assert profiled.held_context_tokens == 100
+    assert [int(s.positions.numel()) for s in drafter.steps] == [16] * 6 + [4]
+    assert {tuple(s.hidden.shape[1:]) for s in drafter.steps} == {(16,)}
+    positions = torch.cat([s.positions for s in drafter.steps])
+    assert positions.tolist() == list(range(25)) * 4
+    assert drafter.cached_tokens == 0
+
+
+def test_a_profile_pass_out_of_memory_names_the_settings_that_fix_it():
+    proposer, drafter = make_proposer(num_speculative_tokens=4)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    drafter.draft = out_of_memory
+    with pytest.raises(DrafterProfileError, match="max_num_seqs.*cache_max_tokens"):
+        proposer.profile(max_requests=8, max_step_tokens=64, target_hidden_size=8)
+    assert proposer.num_tracked_requests == 0

@@ -20,7 +20,7 @@ import logging
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -72,6 +72,23 @@ class StepBatch:
     scheduled_draft_counts: dict[str, int]
     target_features: StepFeatures | None = None
     prefill_tokens: int = 0
+
+
+class DrafterProfileError(RuntimeError):
+    """The drafter's pass at the engine's largest batch does not fit in device memory."""
+
+
+@dataclass(frozen=True)
+class ProfiledPass:
+    """The drafter pass run while vLLM measured the memory its KV cache may take: the largest
+    batch and draft length the engine allows, each request holding the context it may keep."""
+
+    requests: int
+    draft_tokens: int
+    context_tokens: int
+    # The context positions the drafter held at the end of the pass, over all requests.
+    held_context_tokens: int | None
+    seconds: float
 
 
 @dataclass
@@ -263,6 +280,9 @@ class DlmProposer:
             eos_id=min(self.eos_token_ids) if self.eos_token_ids else None,
         )
         self.drafter: Drafter | None = None
+        # Where the target computes, so where its features reach the drafter.
+        self._device = torch.device("cpu")
+        self.profiled: ProfiledPass | None = None
         self.stats = ProposerStats(draft_digest=self.settings.draft_digest)
         self._step: StepBatch | None = None
         self._requests: dict[str, _RequestState] = {}
@@ -296,6 +316,7 @@ class DlmProposer:
             target_tokenizer=self.target_tokenizer,
             target_dir=self.target_path,
         )
+        self._device = device
         self._publish_metrics()
         logger.info(
             "dlm drafter %s loaded on %s (%s); controller %s, at most %d draft tokens per step",
@@ -305,6 +326,87 @@ class DlmProposer:
             self.settings.controller.name,
             self.settings.num_speculative_tokens,
         )
+
+    def profile(
+        self, *, max_requests: int, max_step_tokens: int, target_hidden_size: int
+    ) -> ProfiledPass:
+        """Run the drafter as the engine's largest step would, so that vLLM's memory profile,
+        which this runs inside, counts what the drafter needs before the KV cache takes the
+        rest: every one of max_requests requests drafts num_speculative_tokens tokens after a
+        context as long as the engine and the drafter's context budget let each keep; a
+        target-conditioned drafter first takes that context in as target features, in chunks
+        of a step's token budget, as it would from vLLM. Everything is forgotten afterwards."""
+        if self.drafter is None:
+            raise RuntimeError("dlm proposer.profile called before load_model")
+        drafter = self.drafter
+        k = self.settings.num_speculative_tokens
+        context_tokens = self._profile_context_tokens(max_requests)
+        req_ids = [f"dlmspec-profile-{i}" for i in range(max_requests)]
+        contexts = [
+            [(i + j) % self.target_vocab_size for j in range(context_tokens)]
+            for i in range(max_requests)
+        ]
+        started = time.perf_counter()
+        try:
+            if isinstance(drafter, TargetConditionedDrafter):
+                width = len(drafter.target_layer_ids) * target_hidden_size
+                for features in self._profile_features(
+                    req_ids, context_tokens, width, max_step_tokens
+                ):
+                    drafter.observe_step(features)
+            block = drafter.draft(contexts, [k] * max_requests, req_ids=req_ids)
+            self.chooser.choose(block, contexts, req_ids)
+            held = getattr(drafter, "cached_tokens", None)
+        except torch.OutOfMemoryError as err:
+            raise DrafterProfileError(
+                f"the dlm drafter's pass at the engine's largest step ({max_requests} requests "
+                f"x {k} draft tokens after {context_tokens} context tokens each) does not fit "
+                "in device memory beside the target: lower vLLM's max_num_seqs or "
+                "max_model_len, or the dlm settings num_speculative_tokens, "
+                f"drafting.cache_max_tokens (now {self.settings.drafting.cache_max_tokens}) or "
+                "max_draft_context, or raise gpu_memory_utilization"
+            ) from err
+        finally:
+            self.forget_requests(set(req_ids))
+        self.profiled = ProfiledPass(
+            max_requests, k, context_tokens, held, time.perf_counter() - started
+        )
+        logger.info(
+            "dlm drafter profiled at %d requests x %d draft tokens after %d context tokens "
+            "each (%.2f s)",
+            max_requests,
+            k,
+            context_tokens,
+            self.profiled.seconds,
+        )
+        return self.profiled
+
+    def _profile_context_tokens(self, requests: int) -> int:
+        """The longest context each of ``requests`` requests drafts after at once: what the
+        engine leaves room for, and what the drafter keeps (its token budget shared among them
+        for a target-conditioned drafter, its context window for one that reads tokens)."""
+        assert self.drafter is not None
+        longest = self.max_model_len - self.settings.num_speculative_tokens
+        if isinstance(self.drafter, TargetConditionedDrafter):
+            share = self.settings.drafting.cache_max_tokens // requests
+        else:
+            share = self.settings.max_draft_context or self.drafter.max_context_length
+        return max(1, min(longest, share))
+
+    def _profile_features(
+        self, req_ids: list[str], context_tokens: int, width: int, chunk: int
+    ) -> Iterator[StepFeatures]:
+        """Target features for every request's context, at most ``chunk`` rows per step."""
+        total = len(req_ids) * context_tokens
+        for start in range(0, total, chunk):
+            rows = torch.arange(start, min(total, start + chunk))
+            owners, counts = torch.unique_consecutive(rows // context_tokens, return_counts=True)
+            yield StepFeatures(
+                req_ids=[req_ids[i] for i in owners.tolist()],
+                counts=counts.tolist(),
+                positions=rows % context_tokens,
+                hidden=torch.zeros(len(rows), width, device=self._device, dtype=self.target_dtype),
+            )
 
     def _publish_metrics(self) -> None:
         """Publish this engine's counters for /metrics, where vLLM's config asks for them."""
@@ -501,6 +603,7 @@ class DlmProposer:
         """Controller totals, per-request state size, counters, timing and recent lengths."""
         report = {
             "controller": self.controller.stats().as_dict(),
+            "profiled": asdict(self.profiled) if self.profiled is not None else None,
             "num_tracked_requests": self.num_tracked_requests,
             **self.stats.as_dict(),
         }

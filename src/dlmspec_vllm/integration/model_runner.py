@@ -145,6 +145,7 @@ class GPUModelRunnerPatch(MethodPatch):
         "_setup_eagle3_aux_hidden_state_outputs",
         "_input_fits_in_drafter",
         "_sample",
+        "profile_run",
     )
     expected_parameters = {
         "execute_model": ("self", "scheduler_output", "intermediate_tensors"),
@@ -163,7 +164,23 @@ class GPUModelRunnerPatch(MethodPatch):
         "_setup_eagle3_aux_hidden_state_outputs": ("self",),
         "_input_fits_in_drafter": ("self", "common_attn_metadata"),
         "_sample": ("self", "logits", "spec_decode_metadata"),
+        "profile_run": ("self", "randomize_inputs"),
     }
+
+    def profile_run(self, *args, **kwargs):
+        # vLLM measures the peak memory of this run to size the KV cache, and runs a dummy
+        # draft in it for its own methods but not for custom_class: without ours the drafter's
+        # activations at the largest batch, and the context it keeps, would take memory the
+        # KV cache was already given.
+        GPUModelRunnerPatch.original("profile_run")(self, *args, **kwargs)
+        drafter = getattr(self, "drafter", None)
+        if isinstance(drafter, DlmProposer):
+            drafter.profile(
+                max_requests=self.max_num_reqs,
+                max_step_tokens=self.max_num_tokens,
+                target_hidden_size=self.model_config.get_hidden_size(),
+            )
+            self._sync_device()
 
     def _sample(self, logits, spec_decode_metadata):
         # With speculation configured vLLM sends every step through the rejection sampler,
