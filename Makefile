@@ -34,3 +34,4 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check src harness tests benchmarks
 	$(VENV)/bin/ruff format --check src harness tests benchmarks
+	$(VENV)/bin/mypy

@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 from dlmspec_vllm.config import DlmConfigError, DlmSpeculativeConfig
-from dlmspec_vllm.drafters.loading import DrafterLoadError
+from dlmspec_vllm.drafters.checkpoint import resolve_checkpoint_dir
+from dlmspec_vllm.drafters.loading import DrafterLoadError, DraftVocabulary
 
 
 def build_config(tiny_pair, speculative_config, **engine_kwargs):
@@ -118,9 +119,9 @@ def test_drafter_with_other_token_ids_is_bridged(tiny_pair, tmp_path, caplog):
     assert "vocabulary bridge" in caplog.text
 
 
-def test_drafter_whose_tokenizer_cannot_carry_the_text(tiny_pair, tmp_path):
+def copy_drafter_with_lossy_tokenizer(tiny_pair, tmp_path) -> str:
     """Other ids behind a lower-casing normalizer: ids cannot be shared and "Hello" comes back
-    as "hello", so no bridge can work either; refused before the engine starts."""
+    as "hello", so no bridge can work either."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -133,8 +134,114 @@ def test_drafter_whose_tokenizer_cannot_carry_the_text(tiny_pair, tmp_path):
         tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|endoftext|>"
     )
     lossy.save_pretrained(other)
+    return str(other)
+
+
+def test_drafter_whose_tokenizer_cannot_carry_the_text(tiny_pair, tmp_path):
+    """Refused before the engine starts."""
+    lossy = copy_drafter_with_lossy_tokenizer(tiny_pair, tmp_path)
     with pytest.raises(DlmConfigError, match="cannot reproduce the target's text"):
-        build_config(tiny_pair, dlm(tiny_pair, draft_model=str(other)))
+        build_config(tiny_pair, dlm(tiny_pair, draft_model=lossy))
+
+
+def copy_drafter_without_tokenizer(tiny_pair, tmp_path) -> str:
+    other = tmp_path / "drafter"
+    shutil.copytree(tiny_pair.drafter_dir, other, ignore=shutil.ignore_patterns("*token*"))
+    return str(other)
+
+
+def untrained_dflash_drafter(tiny_pair, tmp_path) -> str:
+    """A DFlash checkpoint for the pair's target: it reads the target's embeddings and head,
+    so it ships no tokenizer."""
+    from dlmspec_vllm.drafters.dflash import DFlashConfig, DFlashNetwork, save_dflash_network
+
+    config = DFlashConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        block_size=4,
+        mask_token_id=tiny_pair.mask_token_id,
+        target_layer_ids=(0,),
+        num_target_layers=2,
+        target_hidden_size=64,
+        vocab_size=tiny_pair.vocab_size,
+    )
+    save_dflash_network(DFlashNetwork(config), tmp_path / "drafter")
+    return str(tmp_path / "drafter")
+
+
+# Each kind of pairing among the test checkpoints: its draft_model, and how it must pair.
+PAIRINGS = {
+    "Dream, the target's tokenizer": DraftVocabulary.SHARED_TOKENIZER,
+    "LLaDA, a tokenizer of its own": DraftVocabulary.BRIDGED,
+    "DFlash, the target's weights": DraftVocabulary.TARGET_WEIGHTS,
+    "a tokenizer that loses text": DraftVocabulary.UNPAIRABLE,
+    "no tokenizer": DraftVocabulary.UNPAIRABLE,
+}
+
+
+def drafter_of_pairing(pairing, tiny_pair, tiny_llada, tmp_path) -> str:
+    if pairing == "Dream, the target's tokenizer":
+        return str(tiny_pair.drafter_dir)
+    if pairing == "LLaDA, a tokenizer of its own":
+        return str(tiny_llada.path)
+    if pairing == "DFlash, the target's weights":
+        return untrained_dflash_drafter(tiny_pair, tmp_path)
+    if pairing == "a tokenizer that loses text":
+        return copy_drafter_with_lossy_tokenizer(tiny_pair, tmp_path)
+    return copy_drafter_without_tokenizer(tiny_pair, tmp_path)
+
+
+@pytest.mark.parametrize("pairing", PAIRINGS)
+def test_the_front_end_and_the_worker_pair_by_one_plan(
+    tiny_pair, tiny_llada, tmp_path, monkeypatch, pairing
+):
+    """The engine-config check and the worker's load_drafter each take plan_pairing's plan,
+    the same one, and act on it: a second rule in either would fail here."""
+    from dlmspec_vllm import pairing as front_end
+    from dlmspec_vllm.drafters import loading
+    from dlmspec_vllm.drafters.bridge import BridgedDrafter
+
+    draft_model = drafter_of_pairing(pairing, tiny_pair, tiny_llada, tmp_path)
+    vocabulary = PAIRINGS[pairing]
+    plans = []
+
+    def recorded_plan(*args, **kwargs):
+        plans.append(plan_pairing(*args, **kwargs))
+        return plans[-1]
+
+    plan_pairing = loading.plan_pairing
+    monkeypatch.setattr(loading, "plan_pairing", recorded_plan)
+    monkeypatch.setattr(front_end, "plan_pairing", recorded_plan)
+
+    front_end_refusal = worker_refusal = drafter = None
+    try:
+        build_config(tiny_pair, dlm(tiny_pair, draft_model=draft_model))
+    except DlmConfigError as refused:
+        front_end_refusal = str(refused)
+    front_end_plans, plans = plans, []
+    # As the proposer loads it: vLLM's model config names the target's directory for both.
+    try:
+        drafter = loading.load_drafter(
+            resolve_checkpoint_dir(draft_model),
+            target_vocab_size=tiny_pair.vocab_size,
+            target_tokenizer=str(tiny_pair.target_dir),
+            target_dir=str(tiny_pair.target_dir),
+        )
+    except DrafterLoadError as refused:
+        worker_refusal = str(refused)
+
+    (plan,) = plans
+    assert front_end_plans and all(planned == plan for planned in front_end_plans)
+    assert plan.vocabulary is vocabulary
+    assert front_end_refusal == worker_refusal == plan.refusal
+    assert (plan.refusal is None) == (vocabulary is not DraftVocabulary.UNPAIRABLE)
+    assert isinstance(drafter, BridgedDrafter) == (vocabulary is DraftVocabulary.BRIDGED)
 
 
 def test_other_methods_pass_through_untouched(tiny_pair):

@@ -50,6 +50,7 @@ def make_proposer(**settings) -> tuple[DlmProposer, ScriptedDrafter]:
         max_model_len=MAX_LEN,
         model="unused",
         tokenizer="unused",
+        trust_remote_code=False,
         dtype=torch.float32,
         hf_text_config=SimpleNamespace(eos_token_id=EOS),
         get_vocab_size=lambda: VOCAB,

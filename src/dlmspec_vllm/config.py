@@ -14,13 +14,13 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dlmspec_vllm.control import CONTROLLERS, LengthController, make_controller
 
-METHOD_NAME = "dlm"
+METHOD_NAME: Final = "dlm"
 PROPOSER_CLASS_PATH = "dlmspec_vllm.proposer.DlmProposer"
 SETTINGS_ENV_VAR = "DLMSPEC_CONFIG"
 

@@ -267,6 +267,7 @@ class DlmProposer:
         self.eos_token_ids = _eos_ids(model_config.hf_text_config)
         self.target_tokenizer: str = model_config.tokenizer
         self.target_path: str = model_config.model
+        self.trust_remote_code: bool = model_config.trust_remote_code
         k = self.settings.num_speculative_tokens
         self._drafter_source = _Source(DRAFTER, self.settings.controller.build(k))
         self._copied_source = (
@@ -315,6 +316,7 @@ class DlmProposer:
             options=DraftingOptions(**self.settings.drafting.model_dump()),
             target_tokenizer=self.target_tokenizer,
             target_dir=self.target_path,
+            trust_remote_code=self.trust_remote_code,
         )
         self._device = device
         self._publish_metrics()

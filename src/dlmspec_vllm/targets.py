@@ -140,7 +140,8 @@ def _build_from_wheel(
     )
     # The weights are plain fp32 tensors now; the GGUF quantizer only stops save_pretrained, and
     # a quantization_config left in config.json would tell vLLM the checkpoint is quantized.
-    model.hf_quantizer = None
+    # torch types Module.__setattr__ for tensors and modules only.
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tokenizer.model_max_length = model.config.max_position_embeddings

@@ -24,9 +24,10 @@ Choices, each a trade-off:
 - Context. Target special tokens (chat markers) are decoded as their text, which the drafter
   reads as ordinary characters; the drafter's BOS, if it has one, starts its context.
 
-A pairing is usable only if text survives both tokenizers; ``check_bridge_pairing`` tests that
-at start-up. When every regular target token has the same id in the drafter's tokenizer
-(``shares_vocabulary``), no bridge is used.
+A pairing is usable only if text survives both tokenizers (``check_bridge_pairing``); a drafter
+whose tokenizer gives every regular target token the target's id (``shares_vocabulary``) needs
+no bridge. Whether a drafter is bridged is decided once, by ``loading.plan_pairing``, for the
+start-up check and the worker alike; this module holds the tests it applies and the bridge.
 """
 
 from __future__ import annotations
@@ -66,23 +67,16 @@ class BridgePairingError(DrafterLoadError):
     """A target/drafter pair whose tokenizers cannot carry text between them."""
 
 
-def load_tokenizer(source: str | Path | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """A tokenizer object, loaded from a directory or Hugging Face id unless given as one.
-
-    Never runs remote code: released diffusion checkpoints name modeling code in their auto_map,
-    and their tokenizers load without it.
-    """
+def load_tokenizer(
+    source: str | Path | PreTrainedTokenizerBase, *, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """A tokenizer object, loaded from a directory or Hugging Face id unless given as one;
+    transformers' OSError or ValueError when it does not load."""
     if not isinstance(source, str | Path):
         return source
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise DrafterLoadError(
-            f"no loadable tokenizer at {source} ({err}); a drafter checkpoint must ship its "
-            "tokenizer files"
-        ) from None
+    return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
 
 
 def shares_vocabulary(
@@ -99,23 +93,26 @@ def shares_vocabulary(
     )
 
 
-def tokenizers_to_bridge(
-    target_tokenizer: str | Path | PreTrainedTokenizerBase, drafter_dir: str | Path
-) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase] | None:
-    """(target, drafter) tokenizers when the drafter in ``drafter_dir`` can draft for the target
-    only through a bridge, None when it shares the target's vocabulary; raises
-    BridgePairingError when neither works."""
-    target, drafter = load_tokenizer(target_tokenizer), load_tokenizer(drafter_dir)
-    if shares_vocabulary(target, drafter):
-        return None
-    check_bridge_pairing(target, drafter)
-    return target, drafter
+def mismatched_added_tokens(
+    target_tokenizer: PreTrainedTokenizerBase, drafter_tokenizer: PreTrainedTokenizerBase
+) -> list[str]:
+    """The target's added tokens (chat markers) that the drafter's tokenizer lacks or numbers
+    otherwise, sorted."""
+    drafter_vocab = drafter_tokenizer.get_vocab()
+    added = set(target_tokenizer.get_added_vocab())
+    return sorted(
+        token
+        for token, token_id in target_tokenizer.get_vocab().items()
+        if token in added and drafter_vocab.get(token) != token_id
+    )
 
 
 def _decode(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
-    return tokenizer.decode(
+    text = tokenizer.decode(
         list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
     )
+    assert isinstance(text, str), "decoding one sequence gives one string"
+    return text
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -254,7 +251,7 @@ class BridgedDrafter:
         encoded = self.target_tokenizer(
             text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
         )
-        mapped = []
+        mapped: list[tuple[int, float]] = []
         for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
             if len(mapped) == limit or token >= self.target_vocab_size:
                 break

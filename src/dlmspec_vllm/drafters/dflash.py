@@ -239,7 +239,8 @@ class DFlashNetwork(nn.Module):
         [batch, n] contribute: [batch, kv_heads, n, head_dim] each."""
         context = self.hidden_norm(self.fc(features))
         rope = self.rotary(positions, context.dtype)
-        return [layer.self_attn.keys_values(context, rope) for layer in self.layers]
+        layers: list[DFlashLayer] = list(self.layers)  # type: ignore[arg-type]
+        return [layer.self_attn.keys_values(context, rope) for layer in layers]
 
     def block_hidden(
         self,
@@ -403,10 +404,11 @@ class DFlashDrafter:
                 f"in {target_dir} embeds in {embed.shape[1]}: it was trained for another target"
             )
         own_head = draft_head is not None and draft_to_target is not None
+        kept_head = draft_head if own_head and draft_head is not None else head
         return cls(
             network,
             embed_weight=embed.to(device=device, dtype=dtype),
-            head_weight=(draft_head if own_head else head).to(device=device, dtype=dtype),
+            head_weight=kept_head.to(device=device, dtype=dtype),
             draft_to_target=draft_to_target,
             target_vocab_size=target_vocab_size,
             options=options,

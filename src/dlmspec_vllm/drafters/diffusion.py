@@ -251,6 +251,7 @@ class DiffusionDrafter:
         key_positions = torch.cat((torch.arange(past_len).expand(len(rows), -1), positions), 1)
         key_valid = torch.cat((torch.arange(past_len) < starts[:, None], query_valid), 1)
 
+        mask: torch.Tensor | None
         if self.block_size is not None:
             blocks_before = key_positions[:, None, :] // self.block_size
             mask = key_valid[:, None, :] & (

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +219,7 @@ class LLaDABackbone(nn.Module):
     ) -> tuple[torch.Tensor, list[LayerKV]]:
         x, present = run_layers(
             self.transformer["wte"](input_ids),
-            self.transformer["blocks"],
+            cast(nn.ModuleList, self.transformer["blocks"]),
             self.rotary_emb,
             positions=positions,
             mask=mask,
@@ -254,7 +254,7 @@ class LLaDAModel(DiffusionNetwork):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         transformer = self.model.transformer
         if self.config.weight_tying:
-            return F.linear(hidden, transformer["wte"].weight)
+            return F.linear(hidden, cast(nn.Embedding, transformer["wte"]).weight)
         return transformer["ff_out"](hidden)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -147,8 +147,18 @@ class Qwen2Attention(nn.Module):
         )
 
 
+class MlpSizes(Protocol):
+    """What Qwen2MLP reads of a config: DFlash's layers share the MLP but not the config."""
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    @property
+    def intermediate_size(self) -> int: ...
+
+
 class Qwen2MLP(nn.Module):
-    def __init__(self, config: Qwen2LayoutConfig) -> None:
+    def __init__(self, config: MlpSizes) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)

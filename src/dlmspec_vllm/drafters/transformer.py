@@ -14,7 +14,7 @@ keys and values, which every query may attend to as the mask allows.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +117,7 @@ def swiglu(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> 
 
 def run_layers(
     x: torch.Tensor,
-    layers: Sequence[nn.Module],
+    layers: Iterable[nn.Module],
     rotary: RotaryEmbedding,
     *,
     positions: torch.Tensor,

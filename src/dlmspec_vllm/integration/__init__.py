@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import logging
 
+from dlmspec_vllm.integration.patching import MethodPatch
 from dlmspec_vllm.integration.version import check_vllm_version
 
 logger = logging.getLogger(__name__)
 
 
-def all_patches() -> list[type]:
+def all_patches() -> list[type[MethodPatch]]:
     """The patches, imported only once the vLLM version is known to be supported."""
     from dlmspec_vllm.integration import cpu_sampling
     from dlmspec_vllm.integration.model_runner import GPUModelRunnerPatch
     from dlmspec_vllm.integration.speculative_config import EngineArgsSpeculativeConfigPatch
 
-    patches: list[type] = [EngineArgsSpeculativeConfigPatch, GPUModelRunnerPatch]
+    patches: list[type[MethodPatch]] = [EngineArgsSpeculativeConfigPatch, GPUModelRunnerPatch]
     if cpu_sampling.on_cpu_platform():
         patches += [cpu_sampling.CpuExpandKernelPatch, cpu_sampling.CpuGeneratorRewindPatch]
     return patches

@@ -72,6 +72,7 @@ class CpuExpandKernelPatch(MethodPatch):
     }
 
     # A module-level function replaces a module-level function: no `self`.
+    @staticmethod
     def _expand_kernel_impl(
         output: torch.Tensor,
         input_val: torch.Tensor,
@@ -103,7 +104,8 @@ class CpuGeneratorRewindPatch(MethodPatch):
         ),
     }
 
-    def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:
+    # Runs bound to a GPUModelRunner, which mypy cannot take for this class's `self`.
+    def _bookkeeping_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
         original = CpuGeneratorRewindPatch.original("_bookkeeping_sync")
         generators = self.input_batch.generators
         cpu = {index: g for index, g in generators.items() if g.device.type == "cpu"}

@@ -122,7 +122,7 @@ class DlmMetricsCollector:
 
     def collect(self) -> Iterator[Any]:
         by_source = ["engine", "source"]
-        families = {
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
             "drafted": CounterMetricFamily(
                 "dlmspec:draft_tokens", "Draft tokens vLLM verified.", labels=by_source
             ),
@@ -149,12 +149,12 @@ class DlmMetricsCollector:
                 "Requests holding per-request state in the proposer.",
                 labels=["engine"],
             ),
-            "seconds": HistogramMetricFamily(
-                "dlmspec:drafter_seconds",
-                "Seconds of the drafter's passes per step that ran it.",
-                labels=["engine"],
-            ),
         }
+        seconds = HistogramMetricFamily(
+            "dlmspec:drafter_seconds",
+            "Seconds of the drafter's passes per step that ran it.",
+            labels=["engine"],
+        )
         for path in sorted(self.directory.glob("engine-*.json")):
             try:
                 counters = json.loads(path.read_text())
@@ -175,8 +175,9 @@ class DlmMetricsCollector:
             ):
                 cumulative += count
                 buckets.append((bound, cumulative))
-            families["seconds"].add_metric([engine], buckets, histogram["sum"])
+            seconds.add_metric([engine], buckets, histogram["sum"])
         yield from families.values()
+        yield seconds
 
 
 _collectors: dict[Path, DlmMetricsCollector] = {}

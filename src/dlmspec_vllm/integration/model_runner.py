@@ -167,7 +167,7 @@ class GPUModelRunnerPatch(MethodPatch):
         "profile_run": ("self", "randomize_inputs"),
     }
 
-    def profile_run(self, *args, **kwargs):
+    def profile_run(self: Any, *args, **kwargs):
         # vLLM measures the peak memory of this run to size the KV cache, and runs a dummy
         # draft in it for its own methods but not for custom_class: without ours the drafter's
         # activations at the largest batch, and the context it keeps, would take memory the
@@ -213,7 +213,7 @@ class GPUModelRunnerPatch(MethodPatch):
         original = GPUModelRunnerPatch.original("execute_model")
         return original(self, scheduler_output, *args, **kwargs)
 
-    def _setup_eagle3_aux_hidden_state_outputs(self):
+    def _setup_eagle3_aux_hidden_state_outputs(self: Any):
         GPUModelRunnerPatch.original("_setup_eagle3_aux_hidden_state_outputs")(self)
         drafter = getattr(self, "drafter", None)
         layer_ids = drafter.target_layer_ids if isinstance(drafter, DlmProposer) else None
@@ -239,7 +239,7 @@ class GPUModelRunnerPatch(MethodPatch):
             )
 
     def propose_draft_token_ids(
-        self,
+        self: Any,
         scheduler_output,
         sampled_token_ids,
         sampling_metadata,

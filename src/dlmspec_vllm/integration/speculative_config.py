@@ -39,7 +39,7 @@ class EngineArgsSpeculativeConfigPatch(MethodPatch):
         "create_speculative_config": ("self", "target_model_config", "target_parallel_config"),
     }
 
-    def create_speculative_config(self, target_model_config, target_parallel_config):
+    def create_speculative_config(self: Any, target_model_config, target_parallel_config):
         original = EngineArgsSpeculativeConfigPatch.original("create_speculative_config")
         given = self.speculative_config
         raw = _with_short_flags(self)

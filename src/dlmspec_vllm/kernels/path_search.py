@@ -68,7 +68,8 @@ def _viterbi_kernel(
         count += running.to(tl.int32)
         running = running & (tl.load(is_eos_ptr + row * W + c) == 0)
         state = (state % SUB) * W + c
-    tl.store(path_len_ptr + b, count.to(tl.int64))
+    # Inside the kernel Triton makes `count` a scalar tensor; mypy sees the int it starts as.
+    tl.store(path_len_ptr + b, count.to(tl.int64))  # type: ignore[attr-defined]
 
 
 def viterbi_triton(

@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -49,6 +50,13 @@ from dlmspec_vllm.training.corpus import (
     write_function_prompt,
 )
 from dlmspec_vllm.wheel_data import sha256_of_file
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+    from vllm.logprobs import Logprob
+    from vllm.outputs import CompletionOutput
 
 PROMPT_SOURCES = (*SOURCES, "stdlib-code", "stdlib-context")
 # Requests whose answer should repeat a document given in the prompt. None uses the wording of
@@ -260,7 +268,7 @@ def shard_features(
     store: AnswerStore,
     shard: Path,
     answers: Sequence[Answer],
-    target: object,
+    target: PreTrainedModel,
     layer_ids: Sequence[int],
     *,
     log=print,
@@ -300,7 +308,7 @@ def shard_features(
     return features
 
 
-def answer_engine(target: Path, *, max_model_len: int, batch_size: int, top_k: int) -> object:
+def answer_engine(target: Path, *, max_model_len: int, batch_size: int, top_k: int) -> LLM:
     """The in-process vLLM engine that writes answers: the generation engine's settings
     (corpus.VLLM_GENERATION_ENGINE), this batch size, and log-probabilities for the top-k."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -312,8 +320,8 @@ def answer_engine(target: Path, *, max_model_len: int, batch_size: int, top_k: i
 
 def generate_answers(
     store: AnswerStore,
-    llm: object,
-    tokenizer: object,
+    llm: LLM,
+    tokenizer: PreTrainedTokenizerBase,
     plan: PromptPlan,
     *,
     max_prompts: int,
@@ -350,13 +358,14 @@ def generate_answers(
     written = 0
     for start in range(0, len(todo), shard_size):
         chunk = [prompt for prompt, _ in todo[start : start + shard_size]]
-        ids = [row for _, row in todo[start : start + shard_size]]
+        rows = [row for _, row in todo[start : start + shard_size]]
         began = time.perf_counter()
-        outputs = llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False)
+        requests: list[TokensPrompt] = [{"prompt_token_ids": row} for row in rows]
+        outputs = llm.generate(requests, params, use_tqdm=False)
         seconds = time.perf_counter() - began
         answers = [
             _answer(prompt.key, row, output.outputs[0], top_k)
-            for prompt, row, output in zip(chunk, ids, outputs)
+            for prompt, row, output in zip(chunk, rows, outputs)
         ]
         generated = sum(len(a.tokens) - a.prompt_length for a in answers)
         path = store.add_shard(
@@ -375,18 +384,25 @@ def generate_answers(
     return written
 
 
-def _answer(key: str, prompt_ids: list[int], completion: object, top_k: int) -> Answer:
+def _answer(key: str, prompt_ids: list[int], completion: CompletionOutput, top_k: int) -> Answer:
     output = list(completion.token_ids)
     top_ids = np.zeros((len(output), top_k), dtype=np.int32)
     top_logprobs = np.full((len(output), top_k), -np.inf, dtype=np.float16)
     for position, ranked in enumerate(completion.logprobs or []):
-        best = sorted(ranked.items(), key=lambda item: item[1].rank)[:top_k]
+        assert ranked is not None  # only a prompt's first position has no log-probs
+        best = sorted(ranked.items(), key=_rank)[:top_k]
         for j, (token, logprob) in enumerate(best):
             top_ids[position, j] = token
             top_logprobs[position, j] = logprob.logprob
     return Answer(
         key, np.array(prompt_ids + output, dtype=np.int32), len(prompt_ids), top_ids, top_logprobs
     )
+
+
+def _rank(entry: tuple[int, Logprob]) -> int:
+    rank = entry[1].rank
+    assert rank is not None  # vLLM ranks every log-prob of a sampled position
+    return rank
 
 
 def main(argv: list[str] | None = None) -> None:

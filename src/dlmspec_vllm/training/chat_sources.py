@@ -87,7 +87,8 @@ def drop_overlapping(
         words = _words(text)
         windows.update(_windows(words))
         short_texts.add(tuple(words))
-    kept, dropped = [], []
+    kept: list[SourcePrompt] = []
+    dropped: list[SourcePrompt] = []
     for prompt in prompts:
         words = _words(prompt.text)
         if len(words) >= OVERLAP_WORDS:
@@ -125,7 +126,9 @@ def _sharegpt_turns(path: Path) -> Iterator[tuple[str, str]]:
     separators = re.compile(r"[\s,]*")
     position = text.index("[") + 1
     while True:
-        position = separators.match(text, position).end()
+        skipped = separators.match(text, position)
+        assert skipped is not None  # the pattern matches the empty string
+        position = skipped.end()
         try:
             record, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError:

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -57,6 +57,7 @@ from dlmspec_vllm.training.answers import (
 from dlmspec_vllm.training.conversion import dream_from_causal_lm
 from dlmspec_vllm.training.corpus import (
     STDLIB_FILES,
+    TargetGeneration,
     cached_generations,
     chat_prompts,
     generate_greedy,
@@ -219,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32)
-    target = target.to(device).eval()
+    # transformers wraps PreTrainedModel.to in functools.wraps, whose typeshed type binds no
+    # `self`: mypy takes `device` for it.
+    target = target.to(device).eval()  # type: ignore[arg-type]
     fingerprint = weights_sha256(args.target)
     mask_token, mask_id = _mask_token(tokenizer, args.mask_token)
     settings = {
@@ -522,7 +525,7 @@ def _store_sequences(args, target, fingerprint, layer_ids):
                 outputs += len(answer.tokens) - answer.prompt_length
     if not training:
         raise SystemExit(f"--answers {args.answers} holds no training answers")
-    sources = Counter()
+    sources: Counter[str] = Counter()
     for path in used:
         sources.update(json.loads(path.with_suffix(".json").read_text())["sources"])
     recipe = {
@@ -592,7 +595,7 @@ def _generations(
     tokenizer: PreTrainedTokenizerBase,
     target: PreTrainedModel,
     fingerprint: str,
-) -> tuple[torch.Tensor, dict[str, Any], list[dict[str, Any]]]:
+) -> tuple[torch.Tensor, dict[str, Any], list[TargetGeneration]]:
     """The target's greedy answers to the training prompts (cached in the output directory):
     as one token stream, its recipe entry, and the records themselves."""
     by_kind = training_prompts(args.gen_prompts, args.seed)
@@ -678,10 +681,11 @@ def _mask_token(tokenizer: PreTrainedTokenizerBase, requested: str | None) -> tu
         if not specials:
             raise SystemExit("the tokenizer has no spare special token: pass --mask-token")
         requested = max(specials)[1]
-    ids = tokenizer.convert_tokens_to_ids([requested])
-    if ids[0] is None or ids[0] == tokenizer.unk_token_id:
+    # A list in, a list out; an id is None where a slow tokenizer lacks the token.
+    token_id = cast("list[int | None]", tokenizer.convert_tokens_to_ids([requested]))[0]
+    if token_id is None or token_id == tokenizer.unk_token_id:
         raise SystemExit(f"--mask-token {requested!r} is not a token of the target's tokenizer")
-    return requested, ids[0]
+    return requested, token_id
 
 
 def _tail_mean(losses: list[float]) -> float:

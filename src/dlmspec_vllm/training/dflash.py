@@ -19,12 +19,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from dlmspec_vllm.drafters.dflash import DFlashConfig, DFlashNetwork
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -47,7 +50,7 @@ FEATURE_BATCH_TOKENS = 4096
 
 @torch.no_grad()
 def target_features(
-    target: torch.nn.Module,
+    target: PreTrainedModel,
     token_rows: Sequence[Sequence[int]],
     layer_ids: Sequence[int],
     *,
@@ -328,17 +331,16 @@ def _soft_cross_entropy(
 ) -> torch.Tensor:
     """Per scored label: cross-entropy of the drafter's logits to the target's top-k at that
     position, renormalized over the top-k ids the drafter can propose."""
-    if any(r.top_ids is None for r in rows):
-        raise ValueError("soft labels need every training answer's top-k distribution")
-    k = rows[0].top_ids.shape[1]
+    labels = [_soft_labels(row) for row in rows]
+    k = labels[0][0].shape[1]
     batch, length = len(rows), int(label_pos.max()) + 1
     top_ids = torch.zeros(batch, length, k, dtype=torch.long)
     top_logprobs = torch.full((batch, length, k), -math.inf)
-    for b, row in enumerate(rows):
-        outputs = max(0, min(len(row.top_ids), length - row.prompt_length))
+    for b, (row, (row_ids, row_logprobs)) in enumerate(zip(rows, labels)):
+        outputs = max(0, min(len(row_ids), length - row.prompt_length))
         span = slice(row.prompt_length, row.prompt_length + outputs)
-        top_ids[b, span] = row.top_ids[:outputs].long()
-        top_logprobs[b, span] = row.top_logprobs[:outputs].float()
+        top_ids[b, span] = row_ids[:outputs].long()
+        top_logprobs[b, span] = row_logprobs[:outputs].float()
     flat = label_pos.reshape(batch, -1).cpu()
     ids = top_ids.gather(1, flat[..., None].expand(-1, -1, k)).view(*label_pos.shape, k)
     logprobs = top_logprobs.gather(1, flat[..., None].expand(-1, -1, k)).view(*label_pos.shape, k)
@@ -352,8 +354,14 @@ def _soft_cross_entropy(
     return -(weights * drafted).sum(-1)
 
 
+def _soft_labels(row: FeatureSequence) -> tuple[torch.Tensor, torch.Tensor]:
+    if row.top_ids is None or row.top_logprobs is None:
+        raise ValueError("soft labels need every training answer's top-k distribution")
+    return row.top_ids, row.top_logprobs
+
+
 def dflash_from_target(
-    target: torch.nn.Module,
+    target: PreTrainedModel,
     *,
     layers: int,
     block_size: int,
@@ -389,7 +397,9 @@ def dflash_from_target(
         attention_bias=bool(getattr(source, "attention_bias", False)),
     )
     network = DFlashNetwork(config)
-    decoder = target.model.layers
+    # Where Llama, Qwen2 and Qwen3 keep their decoder stack; PreTrainedModel declares none.
+    backbone: Any = target.model
+    decoder = backbone.layers
     copied = decoder[len(decoder) - layers :]
     with torch.no_grad():
         for mine, theirs in zip(network.layers, copied):
@@ -407,7 +417,7 @@ def dflash_from_target(
         network.fc.weight[:, deepest * width : (deepest + 1) * width] = torch.eye(width)
         after = min(max(residual) + 1, final)
         network.hidden_norm.weight.copy_(decoder[after].input_layernorm.weight.float())
-        network.norm.weight.copy_(target.model.norm.weight.float())
+        network.norm.weight.copy_(backbone.norm.weight.float())
     return network
 
 
