@@ -315,10 +315,48 @@ def test_batch_cost_model_keeps_buckets_apart_and_borrows_the_nearest() -> None:
         costs.record(StepTiming(1, 0.05 + 0.0001 * n, n, 0.01 if n else 0.0, n))
         costs.record(StepTiming(60, 0.5 + 0.02 * n, n, 0.02 if n else 0.0, n))
     assert sorted(costs.buckets) == [1, 64]
-    assert costs.model_for(1).verify_cost(8) == pytest.approx(0.0508, rel=0.02)
-    assert costs.model_for(64).verify_cost(8) == pytest.approx(0.66, rel=0.02)
+    assert costs.model_for(1).verify_cost(8, batch_size=1) == pytest.approx(0.0508, rel=0.02)
+    assert costs.model_for(64).verify_cost(8, batch_size=60) == pytest.approx(0.66, rel=0.02)
     assert costs.model_for(2) is costs.model_for(1)
     assert costs.model_for(32) is costs.model_for(128) is costs.model_for(64)
+
+
+def test_a_bucket_whose_smaller_batches_draft_more_still_sees_what_a_draft_token_costs() -> None:
+    """Within bucket 64 the batch shrinks as requests finish and those left draft more, here
+    one draft token per request gone: over draft tokens alone the step time stays flat as the
+    drafts rise, and drafting looks free. Over all the tokens a step computes it costs what
+    a token costs, and where a first draft token is accepted half the time nobody drafts."""
+    rng = random.Random(3)
+    controller = CostAwareController(4, probe_budget=0.0)
+    for _ in range(100):
+        batch = rng.randint(33, 64)
+        drafts = 65 - batch
+        verify = 0.02 + 0.0015 * (batch + drafts) + 0.002
+        controller.record_step(StepTiming(batch, verify, drafts, 0.0001, drafts))
+        controller.record_step(StepTiming(batch, 0.02 + 0.0015 * batch, 0))
+    costs = controller.costs.model_for(64)
+    per_token = (costs.verify_cost(8, batch_size=64) - costs.verify_cost(0, batch_size=64)) / 8
+    assert per_token == pytest.approx(0.0015, rel=0.05)
+    assert costs.plain_step(48) == pytest.approx(0.02 + 0.0015 * 48, rel=0.02)
+    req_ids = [f"r{i}" for i in range(64)]
+    for step in range(10):
+        for req_id in req_ids:
+            controller.observe(req_id, drafted=4, accepted=step % 2, generated=4)
+    controller.begin_step(64)
+    assert controller.initial_lengths(req_ids) == [0] * 64
+
+
+def test_a_step_in_which_the_engine_stood_still_is_not_taken_for_its_cost() -> None:
+    costs = BatchCostModel()
+    for n in (0, 4, 8) * 4:
+        costs.record(StepTiming(16, 0.05 + 0.001 * n, n, 0.001 if n else 0.0, n))
+    before = costs.model_for(16).verify_cost(4, batch_size=16)
+    costs.record(StepTiming(16, 5.0, 4, 0.001, 4))  # the engine was paused between two steps
+    costs.record(StepTiming(16, 3.0, 0))
+    assert costs.stalls == 2
+    assert costs.model_for(16).verify_cost(4, batch_size=16) == pytest.approx(before)
+    costs.record(StepTiming(16, 0.08, 4, 0.001, 4))  # slower, but a step: it counts
+    assert costs.stalls == 2 and costs.samples == 13
 
 
 def test_what_a_drafted_step_costs_beyond_a_plain_one_is_shared_by_its_drafters() -> None:
@@ -335,8 +373,8 @@ def test_what_a_drafted_step_costs_beyond_a_plain_one_is_shared_by_its_drafters(
         for req_id in good:
             controller.observe(req_id, drafted=4, accepted=3, generated=4)
     costs = controller.costs.model_for(16)
-    assert costs.plain_step() == pytest.approx(0.16)
-    assert costs.verify_cost(0) == pytest.approx(0.19, rel=0.01)
+    assert costs.plain_step(16) == pytest.approx(0.16)
+    assert costs.verify_cost(0, batch_size=16) == pytest.approx(0.19, rel=0.01)
     controller.begin_step(16)
     assert all(k > 0 for k in controller.initial_lengths(good))
     # The only request of the batch left to decide (the others copy, or are prefilling)

@@ -182,9 +182,9 @@ class CostAwareController(StatefulController[_History]):
         """One request's share of this step's draft and verify cost lines, with `drafting`
         requests sharing the drafter pass and what a step with drafts costs beyond a plain
         one at zero draft tokens (vLLM's rejection sampling and speculative bookkeeping)."""
-        costs = self._step_costs
-        (draft_a, draft_b), (verify_a, verify_b) = costs.lines()
-        plain = min(costs.plain_step(), verify_a)
+        costs, batch = self._step_costs, self._batch_size
+        (draft_a, draft_b), (verify_a, verify_b) = costs.lines(batch)
+        plain = min(costs.plain_step(batch), verify_a)
         shared = draft_a + verify_a - plain
         return (shared / max(1, drafting), draft_b), (plain / self._batch_size, verify_b)
 
@@ -260,7 +260,7 @@ class CostAwareController(StatefulController[_History]):
     ) -> None:
         """Let the longest-waiting candidates draft their best k >= 1 while the budget pays
         for it: the pass's fixed cost if nobody drafts yet, and each probe's tokens."""
-        (draft_a, draft_b), (_, verify_b) = self._step_costs.lines()
+        (draft_a, draft_b), (_, verify_b) = self._step_costs.lines(self._batch_size)
         candidates.sort(key=lambda i: -self._state(req_ids[i]).zero_streak)
         for i in candidates:
             k = choices[i][1]
@@ -347,12 +347,14 @@ class CostAwareController(StatefulController[_History]):
             "probes": self._probes,
             "trimmed_tokens": self._trimmed,
             "cost_samples": self._costs.samples,
+            "stalled_steps": self._costs.stalls,
         }
-        # The fitted costs per batch-size bucket, in ms: what the decisions were made with.
+        # The fitted costs per batch-size bucket at the bucket's batch size, in ms: what the
+        # decisions were made with.
         for bucket, model in sorted(self._costs.buckets.items()):
-            (draft_a, draft_b), (verify_a, verify_b) = model.lines()
+            (draft_a, draft_b), (verify_a, verify_b) = model.lines(bucket)
             for name, seconds in (
-                ("plain_step", model.plain_step()),
+                ("plain_step", model.plain_step(bucket)),
                 ("drafted_step_at_zero_tokens", verify_a),
                 ("verify_per_token", verify_b),
                 ("draft_pass", draft_a),

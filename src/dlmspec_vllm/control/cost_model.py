@@ -19,8 +19,14 @@ prior scaled by the measured verify(0), so the two costs stay in the same unit.
 What a step costs depends on how many requests share it: at batch 1 a CPU or GPU step is
 memory-bound and verifying a few more tokens is nearly free, at batch 64 it is compute-bound and
 every drafted token costs about what a request's own token does. BatchCostModel therefore keeps
-one CostModel per batch-size bucket (powers of two), fitted on whole-step timings (all requests'
-draft tokens against the step's seconds), and answers for the bucket of the batch at hand.
+one CostModel per batch-size bucket (powers of two), fitted on whole-step timings, and answers
+for the bucket of the batch at hand. Within a bucket the batch still varies (a burst ends, a
+closed loop's requests finish unevenly), and the steps that verify the most drafts tend to be
+those with the fewest requests left: a line over draft tokens alone then finds drafting free. So
+the step lines are over all the tokens a step computes, batch size plus draft tokens, and plain
+steps (no draft verified) and steps that verified drafts share one slope, a token costing what
+it costs whichever it is, each kind with its own intercept (a drafted step also pays rejection
+sampling); both are evaluated at the batch at hand.
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ import math
 from dlmspec_vllm.control.base import StepTiming, check_float, check_int
 
 _RIDGE = 1.0  # prior weight on the slope: one sample one token off the mean length
+# A step that took this many times what its bucket predicts, once the bucket has this many
+# samples, is the engine standing still (a paused engine, the host), not what the step cost.
+_STALL_FACTOR = 4.0
+_STALL_MIN_SAMPLES = 8
 _MIN_COST = 1e-9  # keeps costs positive whatever noise the fit sees
 
 
@@ -54,18 +64,25 @@ class _WeightedLine:
         self._xx = keep * self._xx + x * x
         self._xy = keep * self._xy + x * y
 
-    def coefficients(self, rel_slope: float) -> tuple[float, float]:
-        """(a, b) with b >= 0 (cost never falls with length) and a > 0."""
+    def moments(self) -> tuple[float, float, float, float, float]:
+        """(weight, mean x, mean y, spread of x, co-spread of x and y): spreads summed over the
+        (decayed) samples, not averaged, so a prior's fixed weight washes out as evidence
+        accumulates."""
         w = self._w
         mx, my = self._x / w, self._y / w
-        # Spread and co-spread summed over the (decayed) samples, not averaged, so the prior's
-        # fixed weight washes out as evidence accumulates.
-        spread = max(self._xx - w * mx * mx, 0.0)
-        co_spread = self._xy - w * mx * my
-        # Prior slope b0 = rel_slope * a, with a the intercept implied by the mean point.
-        b0 = rel_slope * my / (1.0 + rel_slope * mx)
-        b = max(0.0, (co_spread + _RIDGE * b0) / (spread + _RIDGE))
+        return w, mx, my, max(self._xx - w * mx * mx, 0.0), self._xy - w * mx * my
+
+    def coefficients(self, rel_slope: float) -> tuple[float, float]:
+        """(a, b) with b >= 0 (cost never falls with length) and a > 0."""
+        _, mx, my, spread, co_spread = self.moments()
+        b = _ridge_slope(spread, co_spread, rel_slope * my / (1.0 + rel_slope * mx))
         return max(my - b * mx, _MIN_COST), b
+
+
+def _ridge_slope(spread: float, co_spread: float, prior: float) -> float:
+    """Least-squares slope pulled toward `prior` (a slope b0 = rel_slope * a, with a the
+    intercept implied by the mean point), never negative."""
+    return max(0.0, (co_spread + _RIDGE * prior) / (spread + _RIDGE))
 
 
 class CostModel:
@@ -93,60 +110,95 @@ class CostModel:
         self._verify_slope = check_float("verify_cost_slope", verify_cost_slope, 0.0, 10.0)
         ema = check_float("cost_ema", cost_ema, 0.0, 1.0, low_open=True)
         self._draft = _WeightedLine(ema)
+        # Step seconds over the tokens the step computes (batch size plus draft tokens), one
+        # line per kind of step sharing one slope: a token costs what it costs, whether a
+        # request's own or a draft's, but a step that verified drafts pays rejection sampling
+        # too, so each kind has its own intercept. Each kind's evidence fades only as more of
+        # its kind arrives, so a stretch without drafts keeps what drafting was seen to cost.
         self._verify = _WeightedLine(ema)
-        self._ema = ema
-        self._plain: float | None = None  # EMA of steps that verified no draft at all
+        self._plain = _WeightedLine(ema)
         self._samples = 0
-        self._lines: tuple[tuple[float, float], tuple[float, float]] | None = None
+        self._lines: dict[int, tuple[tuple[float, float], tuple[float, float]]] = {}
 
     def record(
-        self, draft_seconds: float, draft_len: int, verify_seconds: float, verify_tokens: int
+        self,
+        draft_seconds: float,
+        draft_len: int,
+        verify_seconds: float,
+        verify_tokens: int,
+        batch_size: int = 1,
     ) -> None:
         """Add one step's timings: a draft pass of draft_len positions (0: none ran, its time is
-        ignored) and a verification of verify_tokens draft tokens (0: a plain decode step)."""
+        ignored) and a verification of verify_tokens draft tokens (0: a plain decode step) for
+        batch_size requests."""
         for name, seconds in (("draft_seconds", draft_seconds), ("verify_seconds", verify_seconds)):
             check_float(name, seconds, 0.0, math.inf, high_open=True)
         check_int("draft_len", draft_len, 0)
         check_int("verify_tokens", verify_tokens, 0)
+        check_int("batch_size", batch_size, 1)
         if draft_len > 0:
             self._draft.add(draft_len, draft_seconds)
-        # The line is fitted on steps that verified drafts; a plain step is another kind of
-        # step (no rejection sampling), kept apart so the line's intercept is a drafted step's.
         if verify_tokens > 0:
-            self._verify.add(verify_tokens, verify_seconds)
+            self._verify.add(batch_size + verify_tokens, verify_seconds)
         else:
-            plain = self._plain
-            self._plain = (
-                verify_seconds if plain is None else plain + self._ema * (verify_seconds - plain)
-            )
+            self._plain.add(batch_size, verify_seconds)
         self._samples += 1
-        self._lines = None
+        self._lines.clear()
 
     @property
     def samples(self) -> int:
         """Timings recorded so far."""
         return self._samples
 
-    def lines(self) -> tuple[tuple[float, float], tuple[float, float]]:
-        """((draft_a, draft_b), (verify_a, verify_b)); cached until the next record()."""
-        if self._lines is None:
-            if self._verify.empty:
-                level = 1.0 if self._plain is None else self._plain
-                verify = (level, level * self._verify_slope)
-            else:
-                verify = self._verify.coefficients(self._verify_slope)
-            if self._draft.empty:
-                a = self._ratio * verify[0]
-                draft = (a, a * self._draft_slope)
-            else:
-                draft = self._draft.coefficients(self._draft_slope)
-            self._lines = (draft, verify)
-        return self._lines
+    def lines(self, batch_size: int = 1) -> tuple[tuple[float, float], tuple[float, float]]:
+        """((draft_a, draft_b), (verify_a, verify_b)) at batch_size: a drafter pass over k
+        positions costs draft_a + draft_b * k, a step of batch_size requests verifying n draft
+        tokens verify_a + verify_b * n. Cached per batch size until the next record()."""
+        cached = self._lines.get(batch_size)
+        if cached is not None:
+            return cached
+        plain, drafted, slope = self._step_lines()
+        verify = (max(drafted + slope * batch_size, _MIN_COST), slope)
+        if self._draft.empty:
+            a = self._ratio * verify[0]
+            draft = (a, a * self._draft_slope)
+        else:
+            draft = self._draft.coefficients(self._draft_slope)
+        self._lines[batch_size] = (draft, verify)
+        return draft, verify
 
-    def plain_step(self) -> float:
-        """What a step that verifies no draft costs: measured where such steps were seen,
-        else the verify line at 0."""
-        return self._plain if self._plain is not None else self.lines()[1][0]
+    def _step_lines(self) -> tuple[float, float, float]:
+        """(plain intercept, drafted intercept, shared slope) over the tokens a step computes.
+        A kind not yet seen takes the other's intercept; with nothing seen, the prior of one
+        plain-step unit at batch 1."""
+        kinds = [line.moments() for line in (self._plain, self._verify) if not line.empty]
+        if not kinds:
+            # One unit at batch 1 and no draft, s_v more per token: verify(n) = 1 + s_v * n.
+            return 1.0 - self._verify_slope, 1.0 - self._verify_slope, self._verify_slope
+        weight = sum(w for w, *_ in kinds)
+        mx = sum(w * x for w, x, *_ in kinds) / weight
+        my = sum(w * y for w, _, y, *_ in kinds) / weight
+        slope = _ridge_slope(
+            sum(spread for *_, spread, _ in kinds),
+            sum(co_spread for *_, co_spread in kinds),
+            self._verify_slope * my / (1.0 + self._verify_slope * mx),
+        )
+        plain_a, drafted_a = (
+            line.moments()[2] - slope * line.moments()[1] if not line.empty else None
+            for line in (self._plain, self._verify)
+        )
+        if plain_a is None:
+            plain_a = drafted_a
+        if drafted_a is None:
+            drafted_a = plain_a
+        assert plain_a is not None and drafted_a is not None  # one kind at least was seen
+        return plain_a, drafted_a, slope
+
+    def plain_step(self, batch_size: int = 1) -> float:
+        """What a step of batch_size requests that verifies no draft costs: measured where such
+        steps were seen, else a drafted step's cost at 0 draft tokens."""
+        plain, _, slope = self._step_lines()
+        return max(plain + slope * batch_size, _MIN_COST)
 
     def draft_cost(self, k: int) -> float:
         """Cost of one drafter pass over k positions (0 for k == 0: no pass)."""
@@ -155,9 +207,9 @@ class CostModel:
         a, b = self.lines()[0]
         return a + b * k
 
-    def verify_cost(self, n: int) -> float:
-        """Cost of a target step verifying n draft tokens."""
-        a, b = self.lines()[1]
+    def verify_cost(self, n: int, batch_size: int = 1) -> float:
+        """Cost of a step of batch_size requests verifying n draft tokens."""
+        a, b = self.lines(batch_size)[1]
         return a + b * n
 
 
@@ -174,18 +226,28 @@ class BatchCostModel:
         self._settings = cost_settings
         self._prior = CostModel(**cost_settings)  # checks the settings once, up front
         self._models: dict[int, CostModel] = {}
+        self.stalls = 0  # timings left out as stalls
 
     def record(self, timing: StepTiming) -> None:
+        """Add a step's timing to its bucket, unless it is a stall (see _STALL_FACTOR)."""
         check_int("batch_size", timing.batch_size, 1)
         bucket = batch_bucket(timing.batch_size)
         model = self._models.get(bucket)
         if model is None:
             model = self._models[bucket] = CostModel(**self._settings)
+        elif model.samples >= _STALL_MIN_SAMPLES:
+            expected = model.verify_cost(timing.verified_tokens, timing.batch_size)
+            if timing.verified_tokens == 0:
+                expected = model.plain_step(timing.batch_size)
+            if timing.verify_seconds > _STALL_FACTOR * expected:
+                self.stalls += 1
+                return
         model.record(
             timing.draft_seconds,
             timing.drafted_tokens,
             timing.verify_seconds,
             timing.verified_tokens,
+            timing.batch_size,
         )
 
     def model_for(self, batch_size: int) -> CostModel:
