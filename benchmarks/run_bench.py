@@ -44,6 +44,7 @@ from dlmspec_harness.offline_run import (
     EngineJob,
     EngineResult,
     EngineRunError,
+    ResidentEngine,
     SamplingSettings,
     run_in_subprocess,
 )
@@ -226,6 +227,10 @@ def batches_of_size(
     ]
 
 
+def greedy(args: argparse.Namespace) -> SamplingSettings:
+    return SamplingSettings(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
+
+
 def engine_job(
     target: Path,
     speculative_config: dict | None,
@@ -234,13 +239,10 @@ def engine_job(
 ) -> EngineJob:
     """One engine serving every batch size in turn (``prompts``: each size's), greedy, through
     the chat template."""
-    sampling = SamplingSettings(
-        temperature=0.0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos
-    )
     batches = [
         batch
         for size in args.batch_sizes
-        for batch in batches_of_size(prompts[size], size, sampling, args.load)
+        for batch in batches_of_size(prompts[size], size, greedy(args), args.load)
     ]
     engine = {
         "enforce_eager": args.enforce_eager,
@@ -278,15 +280,20 @@ def split_by_batch_size(
     return split
 
 
-def summarize(rounds: list[tuple[EngineResult, dict[int, list[str]]]], load: str) -> list[dict]:
-    """Per batch size, over every round's engine: throughput and acceptance from vLLM's
-    per-request metrics, also per prompt set (each round's sets: per batch size, each
-    request's set, in request order), and with a dlm proposer its own time and counts."""
+Split = dict[int, tuple[list[BatchResult], dict[str, Any] | None]]
+
+
+def summarize(
+    splits: list[Split], request_sets_per_round: list[dict[int, list[str]]]
+) -> list[dict]:
+    """Per batch size, over every round (per round: each batch size's batches with the
+    proposer's figures over them, and each request's prompt set, in request order): throughput
+    and acceptance from vLLM's per-request metrics, also per prompt set, and with a dlm proposer
+    its own time and counts."""
     rows = []
-    splits = [split_by_batch_size(result, sets, load) for result, sets in rounds]
-    for size in rounds[0][1]:
+    for size in request_sets_per_round[0]:
         batches = [b for split in splits for b in split[size][0]]
-        request_sets = [s for _, sets in rounds for s in sets[size]]
+        request_sets = [s for sets in request_sets_per_round for s in sets[size]]
         proposer = merge_proposer_figures([split[size][1] for split in splits])
         per_request = [m for b in batches for m in b.spec_decode_per_request]
         by_set: dict[str, list[int]] = {}
@@ -310,6 +317,11 @@ def summarize(rounds: list[tuple[EngineResult, dict[int, list[str]]]], load: str
                 "generated_tokens": generated,
                 "wall_seconds": seconds,
                 "tokens_per_second": generated / seconds,
+                "tokens_per_second_per_round": [
+                    sum(b.generated_tokens for b in split[size][0])
+                    / sum(b.seconds for b in split[size][0])
+                    for split in splits
+                ],
                 "drafting_steps": len(drafted),
                 "draft_tokens": sum(drafted),
                 "accepted_tokens": sum(accepted),
@@ -468,6 +480,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "machine whose speed drifts during the run slows them all alike",
     )
     parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="every configuration's engine stays up for the whole run and they take turns at "
+        "each batch size, round by round (lower noise on a drifting machine; needs memory for "
+        "all engines at once: VLLM_CPU_KVCACHE_SPACE GiB each on the CPU)",
+    )
+    parser.add_argument(
+        "--slice-seconds",
+        type=float,
+        default=2.0,
+        help="with --interleave and the closed-loop load: the engines take turns serving a "
+        "batch size's requests in slices of about this many seconds",
+    )
+    parser.add_argument(
         "--reference-src",
         type=Path,
         help="an older checkout's src/: configurations named NAME@ref run NAME with it",
@@ -558,6 +584,8 @@ def main(argv: list[str] | None = None) -> None:
             "prompts_per_set": args.prompts_per_set,
             "prompts": records,
             "rounds": args.rounds,
+            "interleave": args.interleave,
+            "slice_seconds": args.slice_seconds if args.interleave else None,
             "requests_per_batch_size": {
                 size: sum(len(p[size]) for p in prompts) for size in args.batch_sizes
             },
@@ -582,21 +610,75 @@ def main(argv: list[str] | None = None) -> None:
         },
         "configs": {},
     }
-    results: dict[str, list[EngineResult]] = {name: [] for name in chosen}
     started = time.perf_counter()
+    run = run_interleaved if args.interleave else run_in_turn
+    engines, splits = run(chosen, configs, prompts, args, report["configs"])
+    for name in chosen:
+        if name in report["configs"]:  # it failed
+            continue
+        report["configs"][name] = {
+            "speculative_config": configs[name],
+            "engine_startup_seconds": [r.startup_seconds for r in engines[name]],
+            "engine_counters": [r.spec_decode for r in engines[name]],
+            "engine_accepted_per_position": [r.accepted_per_position for r in engines[name]],
+            "by_batch_size": summarize(splits[name], request_sets),
+        }
+    report["run_seconds"] = time.perf_counter() - started
+    mark_lossless(report["configs"])
+    mark_speedups(report["configs"])
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    json_path = args.results_dir / f"{args.name}.json"
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    from plot import plot_results
+
+    png_path = plot_results(json_path)
+    print(table(report))
+    print(f"\nwrote {json_path} and {png_path}")
+
+
+def engine_setup(
+    name: str, spec: dict | None, prompts: dict[int, list[str]], args: argparse.Namespace
+) -> tuple[EngineJob, dict[str, str] | None]:
+    """A configuration's engine job over `prompts`, and the environment it runs in."""
+    job = engine_job(args.target, spec, prompts, args)
+    if not name.endswith(REFERENCE):
+        return job, None
+    # An older proposer's report has other fields: its figures are vLLM's alone. Only
+    # dlmspec_vllm comes from there: the engine still runs through this checkout's
+    # dlmspec_harness.offline_run, so both sides are driven alike.
+    job = job.model_copy(update={"report_proposer": False})
+    return job, {"PYTHONPATH": str(args.reference_src)}
+
+
+def record_failure(failed: dict[str, dict], name: str, spec: dict | None, err: Exception) -> None:
+    """A configuration's engine failed: keep its log in the report; without the baseline there
+    is nothing to compare, so that ends the run."""
+    log = getattr(err, "log", str(err))
+    failed[name] = {"speculative_config": spec, "error": log[-3000:]}
+    print(f"[{name}] FAILED: {log.strip().splitlines()[-1] if log.strip() else err}")
+    if name == BASELINE:
+        raise SystemExit(f"the no-speculation run failed; nothing to compare:\n{log}") from None
+
+
+Runs = tuple[dict[str, list[EngineResult]], dict[str, list[Split]]]
+
+
+def run_in_turn(
+    chosen: list[str],
+    configs: dict[str, dict | None],
+    prompts: list[dict[int, list[str]]],
+    args: argparse.Namespace,
+    failed: dict[str, dict],
+) -> Runs:
+    """Per round, one fresh engine per configuration in turn, each serving every batch size.
+    Returns each configuration's engines and, per round, its batches by batch size."""
+    engines: dict[str, list[EngineResult]] = {name: [] for name in chosen}
     for round_index in range(args.rounds):
         for name in chosen:
-            if name in report["configs"]:  # it failed in an earlier round
+            if name in failed:
                 continue
             print(f"[{name}] round {round_index + 1}: starting engine ...", flush=True)
-            job = engine_job(args.target, configs[name], prompts[round_index], args)
-            env = None
-            if name.endswith(REFERENCE):
-                # An older proposer's report has other fields: its figures are vLLM's alone.
-                job = job.model_copy(update={"report_proposer": False})
-                # Only dlmspec_vllm comes from there: the engine still runs through this
-                # checkout's dlmspec_harness.offline_run, so both sides are driven alike.
-                env = {"PYTHONPATH": str(args.reference_src)}
+            job, env = engine_setup(name, configs[name], prompts[round_index], args)
             try:
                 result = run_in_subprocess(
                     job,
@@ -606,39 +688,107 @@ def main(argv: list[str] | None = None) -> None:
                     extra_env=env,
                 )
             except (EngineRunError, subprocess.TimeoutExpired) as err:
-                log = getattr(err, "log", str(err))
-                report["configs"][name] = {
-                    "speculative_config": configs[name],
-                    "error": log[-3000:],
-                }
-                print(f"[{name}] FAILED: {log.strip().splitlines()[-1] if log.strip() else err}")
-                if name == BASELINE:
-                    raise SystemExit(
-                        f"the no-speculation run failed; nothing to compare:\n{log}"
-                    ) from None
+                record_failure(failed, name, configs[name], err)
                 continue
-            results[name].append(result)
-    for name in chosen:
-        if name in report["configs"]:
-            continue
-        runs = results[name]
-        report["configs"][name] = {
-            "speculative_config": configs[name],
-            "engine_startup_seconds": [r.startup_seconds for r in runs],
-            "engine_counters": [r.spec_decode for r in runs],
-            "engine_accepted_per_position": [r.accepted_per_position for r in runs],
-            "by_batch_size": summarize(list(zip(runs, request_sets, strict=True)), args.load),
-        }
-    report["run_seconds"] = time.perf_counter() - started
-    mark_lossless(report["configs"])
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    json_path = args.results_dir / f"{args.name}.json"
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    from plot import plot_results
+            engines[name].append(result)
+    splits = {
+        name: [
+            split_by_batch_size(
+                result, {size: prompts[r][size] for size in args.batch_sizes}, args.load
+            )
+            for r, result in enumerate(results)
+        ]
+        for name, results in engines.items()
+    }
+    return engines, splits
 
-    png_path = plot_results(json_path)
-    print(table(report))
-    print(f"\nwrote {json_path} and {png_path}")
+
+def run_interleaved(
+    chosen: list[str],
+    configs: dict[str, dict | None],
+    prompts: list[dict[int, list[str]]],
+    args: argparse.Namespace,
+    failed: dict[str, dict],
+) -> Runs:
+    """One engine per configuration, all up for the whole run (each waits, idle, while another
+    serves), serving each batch size round by round, the order rotated each round, the closed
+    loop in slices the engines take turns at (serve_in_turns): the machine's drift falls on all
+    configurations alike."""
+    resident: dict[str, ResidentEngine] = {}
+    splits: dict[str, list[Split]] = {name: [{} for _ in prompts] for name in chosen}
+    last_report: dict[str, dict[str, Any] | None] = dict.fromkeys(chosen)
+    try:
+        for name in chosen:
+            print(f"[{name}] starting engine ...", flush=True)
+            job, env = engine_setup(name, configs[name], prompts[0], args)
+            try:
+                resident[name] = ResidentEngine(
+                    job,
+                    threads=args.threads,
+                    device=args.device,
+                    timeout=args.timeout,
+                    extra_env=env,
+                )
+            except EngineRunError as err:
+                record_failure(failed, name, configs[name], err)
+        for size in args.batch_sizes:
+            for r, round_prompts in enumerate(prompts):
+                turn = r % len(chosen)
+                order = [n for n in chosen[turn:] + chosen[:turn] if n not in failed]
+                print(f"batch {size}, round {r + 1}: {', '.join(order)}", flush=True)
+                batches = batches_of_size(round_prompts[size], size, greedy(args), args.load)
+                for name, served in serve_in_turns(resident, order, batches, args).items():
+                    if isinstance(served, EngineRunError):
+                        del resident[name]
+                        record_failure(failed, name, configs[name], served)
+                        continue
+                    report = served[-1].proposers[0] if served[-1].proposers else None
+                    figures = proposer_during(last_report[name], report) if report else None
+                    splits[name][r][size] = (served, figures)
+                    last_report[name] = report or last_report[name]
+        engines = {name: [engine.close(args.timeout)] for name, engine in resident.items()}
+        resident.clear()
+    finally:
+        for engine in resident.values():
+            engine.kill()
+    return engines, splits
+
+
+def serve_in_turns(
+    resident: dict[str, ResidentEngine],
+    order: list[str],
+    batches: list[Batch],
+    args: argparse.Namespace,
+) -> dict[str, list[BatchResult] | EngineRunError]:
+    """Every engine of `order` serves the same batches. A closed loop is served in slices of
+    --slice-seconds, the engines taking turns slice by slice, so drift slower than a few
+    slices falls on all alike; other loads are served whole, one engine after the other."""
+    served: dict[str, list[BatchResult] | EngineRunError] = {}
+    if args.load != "closed-loop":
+        for name in order:
+            try:
+                served[name] = resident[name].serve(batches, timeout=args.timeout)
+            except EngineRunError as err:
+                served[name] = err
+        return served
+    (batch,) = batches
+    running = []
+    for name in order:
+        try:
+            resident[name].begin(batch, timeout=args.timeout)
+            running.append(name)
+        except EngineRunError as err:
+            served[name] = err
+    while running:
+        for name in list(running):
+            try:
+                if resident[name].advance(args.slice_seconds, timeout=args.timeout):
+                    running.remove(name)
+                    served[name] = [resident[name].collect(timeout=args.timeout)]
+            except EngineRunError as err:
+                running.remove(name)
+                served[name] = err
+    return served
 
 
 def mark_lossless(configs: dict[str, dict]) -> None:
@@ -653,6 +803,25 @@ def mark_lossless(configs: dict[str, dict]) -> None:
             differing = [i for i, (a, b) in enumerate(zip(row["token_ids"], expected)) if a != b]
             row["lossless"] = not differing
             row["requests_differing_from_baseline"] = differing
+
+
+def mark_speedups(configs: dict[str, dict]) -> None:
+    """Each row's speed over the baseline's at its batch size: over the whole run, and round by
+    round (the same round's engines, or with --interleave the same turn), whose spread is the
+    run's own measure of its noise."""
+    baseline = {r["batch_size"]: r for r in configs[BASELINE].get("by_batch_size", [])}
+    for entry in configs.values():
+        for row in entry.get("by_batch_size", []):
+            base = baseline[row["batch_size"]]
+            row["speedup"] = row["tokens_per_second"] / base["tokens_per_second"]
+            row["speedup_per_round"] = [
+                mine / theirs
+                for mine, theirs in zip(
+                    row["tokens_per_second_per_round"],
+                    base["tokens_per_second_per_round"],
+                    strict=True,
+                )
+            ]
 
 
 def table(report: dict[str, Any]) -> str:

@@ -10,7 +10,14 @@ import json
 
 import pytest
 
-from dlmspec_harness.offline_run import Batch, EngineJob, SamplingSettings, run_in_subprocess
+from dlmspec_harness.offline_run import (
+    Batch,
+    EngineJob,
+    EngineRunError,
+    ResidentEngine,
+    SamplingSettings,
+    run_in_subprocess,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -70,6 +77,44 @@ def test_greedy_output_identical_under_a_closed_loop_of_two_requests(no_speculat
     """Requests joining as others end (the benchmark's closed-loop load), outputs in prompt
     order."""
     assert with_dlm.batches[3].token_ids == no_speculation.batches[1].token_ids
+
+
+def test_a_resident_engine_serves_turns_as_a_one_shot_engine_does(tiny_pair, no_speculation):
+    """The benchmark's --interleave keeps engines up between turns: the same batches served one
+    call at a time, or a closed loop served in slices, give the same greedy tokens, and closing
+    the engine reports all it served."""
+    job = EngineJob(
+        model=str(tiny_pair.target_dir),
+        speculative_config=dlm_config(tiny_pair),
+        engine_kwargs=ENGINE,
+        batches=[],
+        report_proposer=True,
+    )
+    engine = ResidentEngine(job)
+    try:
+        turns = [engine.serve([batch]) for batch in greedy_batches()]
+        # The closed loop in slices of one engine step each, as --interleave serves it.
+        engine.begin(Batch(prompts=PROMPTS, sampling=GREEDY, concurrency=2))
+        slices = 1
+        while not engine.advance(0.0):
+            slices += 1
+        sliced = engine.collect()
+    except BaseException:
+        engine.kill()
+        raise
+    result = engine.close()
+    expected = [b.token_ids for b in no_speculation.batches]
+    assert [turn[0].token_ids for turn in turns] == expected
+    assert sliced.token_ids == expected[1] and slices > 10
+    assert [b.token_ids for b in result.batches] == [*expected, expected[1]]
+    assert result.spec_decode["num_draft_tokens"] > 0
+    first, second = (turn[0].proposers[0]["steps"] for turn in turns)
+    assert 0 < first < second  # each turn's report is the proposer's own, cumulative
+
+
+def test_a_resident_engine_that_cannot_start_raises_with_its_log(tmp_path):
+    with pytest.raises(EngineRunError, match="missing-target"):
+        ResidentEngine(EngineJob(model=str(tmp_path / "missing-target"), batches=[]), timeout=300)
 
 
 def test_spec_decode_counters_show_drafts_proposed_and_accepted(with_dlm):

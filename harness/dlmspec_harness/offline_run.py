@@ -2,13 +2,16 @@
 
 Each engine configuration runs in a process of its own (`python -m dlmspec_harness.offline_run
 JOB.json RESULT.json`), so tests, the demo and the benchmarks compare configurations side by
-side without two engines ever sharing one process's global state.
+side without two engines ever sharing one process's global state. A ResidentEngine stays up
+between batches, so configurations can take turns batch by batch.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -17,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# A ResidentEngine's process: the flag that starts it, and where it writes its answers.
+_RESIDENT = "--resident"
+_ANSWER_FD = "DLMSPEC_RESIDENT_ANSWER_FD"
 
 SPEC_DECODE_COUNTERS = {
     "vllm:spec_decode_num_drafts": "num_drafts",
@@ -85,6 +92,14 @@ class EngineResult(BaseModel):
 
 
 def run_job(job: EngineJob) -> EngineResult:
+    llm, startup = start_engine(job)
+    before = _spec_decode_counters(llm)
+    results = [serve_batch(llm, batch, job.report_proposer) for batch in job.batches]
+    return finish(llm, before, results, startup)
+
+
+def start_engine(job: EngineJob) -> tuple[Any, float]:
+    """The job's engine, warmed up, and the seconds it took to start."""
     from vllm import LLM, SamplingParams
 
     started = time.perf_counter()
@@ -97,75 +112,116 @@ def run_job(job: EngineJob) -> EngineResult:
     startup = time.perf_counter() - started
     if job.warmup:
         llm.generate(["warm up"], SamplingParams(max_tokens=4), use_tqdm=False)
-    before = _spec_decode_counters(llm)
+    return llm, startup
 
-    results = []
-    for batch in job.batches:
-        params = SamplingParams(**batch.sampling.model_dump())
-        prompts: list[Any] = batch.prompts
-        if batch.chat:
-            tokenizer = llm.get_tokenizer()
-            prompts = [
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-                )
-                for p in batch.prompts
-            ]
-        t0 = time.perf_counter()
-        if batch.concurrency is None:
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-        else:
-            outputs = _generate_closed_loop(llm, prompts, params, batch.concurrency)
-        seconds = time.perf_counter() - t0
-        token_ids = [list(o.outputs[0].token_ids) for o in outputs]
-        reports = _proposer_reports(llm) if job.report_proposer else []
-        results.append(
-            BatchResult(
-                token_ids=token_ids,
-                texts=[o.outputs[0].text for o in outputs],
-                seconds=seconds,
-                generated_tokens=sum(len(t) for t in token_ids),
-                spec_decode_per_request=[
-                    m.to_dict() if (m := o.outputs[0].spec_decode_metrics) else None
-                    for o in outputs
-                ],
-                proposers=reports,
-            )
+
+def serve_batch(llm: Any, batch: Batch, report_proposer: bool) -> BatchResult:
+    from vllm import SamplingParams
+
+    if batch.concurrency is not None:
+        loop = ClosedLoop(llm, batch)
+        loop.advance()
+        return loop.result(report_proposer)
+    params = SamplingParams(**batch.sampling.model_dump())
+    prompts = _prompts(llm, batch)
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return _batch_result(llm, outputs, time.perf_counter() - t0, report_proposer)
+
+
+def _prompts(llm: Any, batch: Batch) -> list[Any]:
+    if not batch.chat:
+        return list(batch.prompts)
+    tokenizer = llm.get_tokenizer()
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
         )
+        for p in batch.prompts
+    ]
+
+
+def _batch_result(
+    llm: Any, outputs: list[Any], seconds: float, report_proposer: bool
+) -> BatchResult:
+    token_ids = [list(o.outputs[0].token_ids) for o in outputs]
+    return BatchResult(
+        token_ids=token_ids,
+        texts=[o.outputs[0].text for o in outputs],
+        seconds=seconds,
+        generated_tokens=sum(len(t) for t in token_ids),
+        spec_decode_per_request=[
+            m.to_dict() if (m := o.outputs[0].spec_decode_metrics) else None for o in outputs
+        ],
+        proposers=_proposer_reports(llm) if report_proposer else [],
+    )
+
+
+class ClosedLoop:
+    """A batch served with at most `concurrency` requests in flight, a new one joining as soon
+    as one finishes (what a server under N concurrent clients sees), outputs in prompt order.
+    It can be advanced in slices: between them the engine stands still, and only the time
+    inside them counts."""
+
+    def __init__(self, llm: Any, batch: Batch) -> None:
+        from vllm import SamplingParams
+
+        if batch.concurrency is None:
+            raise ValueError("a closed loop needs the batch's concurrency")
+        self._llm = llm
+        self._engine = llm.llm_engine
+        self._params = SamplingParams(**batch.sampling.model_dump())
+        self._ids = [f"closed-loop-{index}" for index in range(len(batch.prompts))]
+        self._waiting = iter(zip(self._ids, _prompts(llm, batch)))
+        self._to_admit = batch.concurrency
+        self._done: dict[str, Any] = {}
+        self.seconds = 0.0
+
+    def advance(self, seconds: float = math.inf) -> bool:
+        """Step the engine for about `seconds` (at least one step); True once all are done."""
+        started = time.perf_counter()
+        for _ in range(self._to_admit):
+            self._admit()
+        self._to_admit = 0
+        engine = self._engine
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    self._done[output.request_id] = output
+                    self._admit()
+            if time.perf_counter() - started >= seconds:
+                break
+        self.seconds += time.perf_counter() - started
+        return not engine.has_unfinished_requests()
+
+    def result(self, report_proposer: bool) -> BatchResult:
+        outputs = [self._done[request_id] for request_id in self._ids]
+        return _batch_result(self._llm, outputs, self.seconds, report_proposer)
+
+    def _admit(self) -> None:
+        request = next(self._waiting, None)
+        if request is not None:
+            self._engine.add_request(*request, self._params)
+
+
+def finish(
+    llm: Any,
+    before: tuple[dict[str, float], list[float]],
+    results: list[BatchResult],
+    startup: float,
+) -> EngineResult:
+    """The engine's result: its batches and vLLM's counters since `before`."""
     after = _spec_decode_counters(llm)
     counters = {name: after[0].get(name, 0.0) - before[0].get(name, 0.0) for name in after[0]}
     earlier = before[1] + [0.0] * (len(after[1]) - len(before[1]))
     per_position = [a - b for a, b in zip(after[1], earlier)]
-    proposers = results[-1].proposers if results else []
     return EngineResult(
         batches=results,
         spec_decode=counters,
         accepted_per_position=per_position,
         startup_seconds=startup,
-        proposers=proposers,
+        proposers=results[-1].proposers if results else [],
     )
-
-
-def _generate_closed_loop(llm: Any, prompts: list[Any], params: Any, concurrency: int) -> list:
-    """Every prompt's output, in prompt order, with at most `concurrency` requests in flight."""
-    engine = llm.llm_engine
-    request_ids = [f"closed-loop-{index}" for index in range(len(prompts))]
-    waiting = iter(zip(request_ids, prompts))
-    done: dict[str, Any] = {}
-
-    def admit() -> None:
-        request = next(waiting, None)
-        if request is not None:
-            engine.add_request(*request, params)
-
-    for _ in range(concurrency):
-        admit()
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                done[output.request_id] = output
-                admit()
-    return [done[request_id] for request_id in request_ids]
 
 
 def _proposer_reports(llm: Any) -> list[dict[str, Any] | None]:
@@ -206,6 +262,17 @@ def engine_env(
     return env
 
 
+def _job_env(
+    job: EngineJob, *, multiprocess: bool, threads: int, device: str, extra: dict[str, str] | None
+) -> dict[str, str]:
+    env = engine_env(multiprocess=multiprocess, threads=threads, device=device) | (extra or {})
+    if job.report_proposer:
+        # collective_rpc ships the reporting function to worker processes by pickle, which
+        # vLLM allows only when asked; these runs are local tests and benchmarks.
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    return env
+
+
 def run_in_subprocess(
     job: EngineJob,
     *,
@@ -219,12 +286,9 @@ def run_in_subprocess(
     with tempfile.TemporaryDirectory(prefix="dlmspec-run-") as tmp:
         job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(job.model_dump_json())
-        env = engine_env(multiprocess=multiprocess, threads=threads, device=device)
-        env |= extra_env or {}
-        if job.report_proposer:
-            # collective_rpc ships the reporting function to worker processes by pickle, which
-            # vLLM allows only when asked; these runs are local tests and benchmarks.
-            env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        env = _job_env(
+            job, multiprocess=multiprocess, threads=threads, device=device, extra=extra_env
+        )
         completed = subprocess.run(
             [sys.executable, "-m", "dlmspec_harness.offline_run", str(job_file), str(result_file)],
             env=env,
@@ -237,6 +301,101 @@ def run_in_subprocess(
         return EngineResult.model_validate_json(result_file.read_text())
 
 
+class ResidentEngine:
+    """An engine kept up in a process of its own, serving batches when asked.
+
+    Several configurations can so take turns batch by batch on one machine, each idle while
+    another serves, without restarting between turns: a machine whose speed drifts within
+    minutes then slows every configuration alike. The job's own batches are ignored; `serve`
+    hands them over. Commands go to the process's stdin and answers come back, one JSON line
+    each, on a pipe of their own, since vLLM writes its log to stdout.
+    """
+
+    def __init__(
+        self,
+        job: EngineJob,
+        *,
+        threads: int = 1,
+        device: str = "cpu",
+        timeout: float = 600,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="dlmspec-resident-")
+        job_file = Path(self._tmp.name) / "job.json"
+        job_file.write_text(job.model_copy(update={"batches": []}).model_dump_json())
+        self._log = (Path(self._tmp.name) / "engine.log").open("w+")
+        env = _job_env(job, multiprocess=False, threads=threads, device=device, extra=extra_env)
+        answers, answer_end = os.pipe()
+        env[_ANSWER_FD] = str(answer_end)
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "dlmspec_harness.offline_run", _RESIDENT, str(job_file)],
+            stdin=subprocess.PIPE,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            pass_fds=(answer_end,),
+        )
+        os.close(answer_end)
+        self._answers = os.fdopen(answers, "r")
+        self.startup_seconds: float = self._answer(timeout)["startup_seconds"]
+
+    def serve(self, batches: list[Batch], timeout: float = 600) -> list[BatchResult]:
+        answer = self._command({"serve": [b.model_dump() for b in batches]}, timeout)
+        return [BatchResult.model_validate(r) for r in answer["batches"]]
+
+    def begin(self, batch: Batch, timeout: float = 600) -> None:
+        """Start serving a closed-loop batch in slices (advance, then collect)."""
+        self._command({"begin": batch.model_dump()}, timeout)
+
+    def advance(self, seconds: float, timeout: float = 600) -> bool:
+        """Serve the begun batch for about `seconds`; True once it is done."""
+        return bool(self._command({"advance": seconds}, timeout)["done"])
+
+    def collect(self, timeout: float = 600) -> BatchResult:
+        """The begun batch's result, once advance said it is done; its seconds are those spent
+        inside the slices."""
+        return BatchResult.model_validate(self._command({"collect": True}, timeout)["batches"][0])
+
+    def _command(self, command: dict[str, Any], timeout: float) -> dict[str, Any]:
+        stdin = self._process.stdin
+        assert stdin is not None
+        stdin.write(json.dumps(command) + "\n")
+        stdin.flush()
+        return self._answer(timeout)
+
+    def close(self, timeout: float = 600) -> EngineResult:
+        """Stop the engine; its result holds every batch it served and vLLM's counters."""
+        stdin = self._process.stdin
+        assert stdin is not None
+        stdin.close()
+        result = EngineResult.model_validate(self._answer(timeout))
+        self._process.wait(timeout)
+        self._release()
+        return result
+
+    def kill(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._release()
+
+    def _answer(self, timeout: float) -> dict[str, Any]:
+        ready, _, _ = select.select([self._answers], [], [], timeout)
+        line = self._answers.readline() if ready else ""
+        if not line:
+            log = (Path(self._tmp.name) / "engine.log").read_text()
+            self.kill()
+            raise EngineRunError(self._process.returncode or -1, log)
+        return json.loads(line)
+
+    def _release(self) -> None:
+        if not self._answers.closed:
+            self._answers.close()
+            self._log.close()
+            self._tmp.cleanup()
+
+
 class EngineRunError(RuntimeError):
     def __init__(self, returncode: int, log: str) -> None:
         self.returncode = returncode
@@ -244,10 +403,50 @@ class EngineRunError(RuntimeError):
         super().__init__(f"vLLM engine run failed with exit code {returncode}:\n{log[-6000:]}")
 
 
+def _serve_resident(job: EngineJob) -> None:
+    """ResidentEngine's other end: commands from stdin, one JSON line of answer each."""
+    answers = os.fdopen(int(os.environ[_ANSWER_FD]), "w")
+
+    def answer(message: dict[str, Any]) -> None:
+        answers.write(json.dumps(message) + "\n")
+        answers.flush()
+
+    llm, startup = start_engine(job)
+    before = _spec_decode_counters(llm)
+    answer({"startup_seconds": startup})
+    served: list[BatchResult] = []
+    loop: ClosedLoop | None = None
+    for line in sys.stdin:
+        command = json.loads(line)
+        if "serve" in command:
+            batches = [Batch.model_validate(b) for b in command["serve"]]
+            results = [serve_batch(llm, batch, job.report_proposer) for batch in batches]
+            served += results
+            answer({"batches": [r.model_dump() for r in results]})
+        elif "begin" in command:
+            loop = ClosedLoop(llm, Batch.model_validate(command["begin"]))
+            answer({})
+        elif "advance" in command:
+            assert loop is not None
+            answer({"done": loop.advance(command["advance"])})
+        else:
+            assert loop is not None and "collect" in command
+            served.append(loop.result(job.report_proposer))
+            loop = None
+            answer({"batches": [served[-1].model_dump()]})
+    answer(finish(llm, before, served, startup).model_dump())
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == _RESIDENT:
+        _serve_resident(EngineJob.model_validate_json(Path(argv[1]).read_text()))
+        return
     if len(argv) != 2:
-        raise SystemExit("usage: python -m dlmspec_harness.offline_run JOB.json RESULT.json")
+        raise SystemExit(
+            "usage: python -m dlmspec_harness.offline_run JOB.json RESULT.json\n"
+            f"       python -m dlmspec_harness.offline_run {_RESIDENT} JOB.json"
+        )
     job = EngineJob.model_validate_json(Path(argv[0]).read_text())
     result = run_job(job)
     Path(argv[1]).write_text(json.dumps(result.model_dump(), indent=1))
