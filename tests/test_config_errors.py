@@ -63,6 +63,10 @@ def test_valid_config_becomes_our_proposer_with_settings_attached(tiny_pair):
             r"context_lookup.min_ngram \(5\) is above context_lookup.max_ngram \(3\)",
         ),
         ({"context_lookup": {"max_ngram": 0}}, "field 'context_lookup.max_ngram'"),
+        (
+            {"drafting": {"shared_prefix_max_tokens": -1}},
+            "field 'drafting.shared_prefix_max_tokens'",
+        ),
     ],
 )
 def test_bad_values_name_the_field(tiny_pair, overrides, expected):

@@ -60,6 +60,7 @@ def make_proposer(**settings) -> tuple[DlmProposer, ScriptedDrafter]:
             speculative_config=speculative_config,
             model_config=model_config,
             parallel_config=SimpleNamespace(data_parallel_index=0),
+            cache_config=SimpleNamespace(block_size=16),
         )
     )
     proposer.drafter = drafter = ScriptedDrafter()
@@ -279,6 +280,7 @@ class ScriptedTargetConditionedDrafter(ScriptedDrafter):
     """A ScriptedDrafter that reads target features: it keeps every step it is handed."""
 
     target_layer_ids = (0, 2)
+    shared_prefixes = None
 
     def __init__(self) -> None:
         super().__init__()

@@ -47,15 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     sampling = SamplingSettings(max_tokens=args.max_tokens)
     # One prompt per generate call: batch 1, where speculative decoding matters most.
     batches = [Batch(prompts=[prompt], sampling=sampling, chat=True) for prompt in PROMPTS]
-    # A DFlash drafter reads the target's hidden states of every prompt token; a prompt
-    # prefix served from vLLM's prefix cache would not be recomputed (README, DFlash).
-    engine = {
-        "enforce_eager": True,
-        "max_model_len": 1024,
-        "dtype": "float32",
-        "seed": 0,
-        "enable_prefix_caching": False,
-    }
+    engine = {"enforce_eager": True, "max_model_len": 1024, "dtype": "float32", "seed": 0}
 
     print(f"vLLM target {target_dir}\n--speculative-config '{json.dumps(speculative_config)}'")
     results = {}

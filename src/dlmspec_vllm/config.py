@@ -151,6 +151,14 @@ class DraftingSettings(BaseModel):
     cache_max_tokens: int = Field(
         default=65536, ge=0, description="Most context tokens cached over all requests (LRU)."
     )
+    shared_prefix_max_tokens: int = Field(
+        default=16384,
+        ge=0,
+        le=1 << 24,
+        description="DFlash drafters: context kept per full KV-cache block of a token prefix, "
+        "shared by the requests that have it, so a prefix vLLM serves from its prefix cache "
+        "still reaches the drafter (least recently used unheld blocks out first); 0 keeps none.",
+    )
 
 
 class DlmSpeculativeConfig(BaseModel):

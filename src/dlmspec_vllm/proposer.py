@@ -21,7 +21,7 @@ import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -268,6 +268,8 @@ class DlmProposer:
         self.target_tokenizer: str = model_config.tokenizer
         self.target_path: str = model_config.model
         self.trust_remote_code: bool = model_config.trust_remote_code
+        # vLLM caches prefixes in whole KV-cache blocks: the drafter shares its own in the same.
+        self.kv_block_size: int = vllm_config.cache_config.block_size
         k = self.settings.num_speculative_tokens
         self._drafter_source = _Source(DRAFTER, self.settings.controller.build(k))
         self._copied_source = (
@@ -313,7 +315,9 @@ class DlmProposer:
             target_vocab_size=self.target_vocab_size,
             device=device,
             dtype=dtype,
-            options=DraftingOptions(**self.settings.drafting.model_dump()),
+            options=DraftingOptions(
+                **self.settings.drafting.model_dump(), prefix_block_tokens=self.kv_block_size
+            ),
             target_tokenizer=self.target_tokenizer,
             target_dir=self.target_path,
             trust_remote_code=self.trust_remote_code,
@@ -576,7 +580,7 @@ class DlmProposer:
                 pending.append(_Drafting(row, req_id, context, int(rooms[row]), length))
         drafter_seconds = 0.0
         try:
-            self._hand_over_target_features(step)
+            self._hand_over_target_features(step, token_ids_cpu)
             if pending:
                 drafter_seconds = self._draft_in_passes(pending)
         except Exception:
@@ -595,11 +599,24 @@ class DlmProposer:
         source.seconds = time.perf_counter() - started
         return drafter_seconds
 
-    def _hand_over_target_features(self, step: StepBatch) -> None:
+    def _hand_over_target_features(self, step: StepBatch, token_ids_cpu: np.ndarray) -> None:
         """Before drafting, the drafter learns what the target computed for every request in
-        the batch this step (also those that draft nothing now, e.g. mid-prefill)."""
-        if step.target_features is not None:
-            cast(TargetConditionedDrafter, self.drafter).observe_step(step.target_features)
+        the batch this step (also those that draft nothing now, e.g. mid-prefill); a drafter
+        that shares context between requests also gets the tokens it is keyed by."""
+        features = step.target_features
+        if features is None:
+            return
+        drafter = cast(TargetConditionedDrafter, self.drafter)
+        if drafter.shared_prefixes is not None:
+            row_of = {req_id: row for row, req_id in enumerate(step.req_ids)}
+            owners = np.repeat([row_of[r] for r in features.req_ids], features.counts)
+            tokens = token_ids_cpu[owners, features.positions.numpy()]
+            features = replace(
+                features,
+                token_ids=torch.from_numpy(tokens.astype(np.int64)),
+                prefix_tokens=lambda req_id, count: token_ids_cpu[row_of[req_id], :count].tolist(),
+            )
+        drafter.observe_step(features)
 
     def report(self) -> dict[str, Any]:
         """Controller totals, per-request state size, counters, timing and recent lengths."""
@@ -611,6 +628,14 @@ class DlmProposer:
         }
         if self._copied_source is not None:
             report["copied_controller"] = self._copied_source.controller.stats().as_dict()
+        if isinstance(self.drafter, TargetConditionedDrafter):
+            shared = self.drafter.shared_prefixes
+            if shared is not None:
+                report["shared_prefix"] = {
+                    **shared.stats.as_dict(),
+                    "shared_prefix_tokens": shared.num_tokens,
+                    "shared_prefix_held_blocks": shared.num_held,
+                }
         return report
 
     def _draft_in_passes(self, pending: list[_Drafting]) -> float:

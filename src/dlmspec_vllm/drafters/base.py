@@ -7,11 +7,13 @@ position. Ids the target cannot emit are never part of the returned logits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from dlmspec_vllm.drafters.shared_prefix import SharedPrefixStore
 
 
 @dataclass
@@ -86,12 +88,19 @@ class DraftingOptions:
         cache (Fast-dLLM v2's finished blocks) never goes stale and ignores the interval.
     cache_max_tokens: most context tokens cached over all requests; the least recently used
         requests are evicted first, so memory stays bounded whatever vLLM schedules.
+    shared_prefix_max_tokens: a target-conditioned drafter's context kept per full block of
+        prefix_block_tokens tokens, shared by requests with the same token prefix, so a prefix
+        vLLM serves from its prefix cache still reaches the drafter (drafters/shared_prefix.py);
+        0 shares nothing. prefix_block_tokens must divide vLLM's block size (the proposer
+        uses vLLM's).
     """
 
     denoising_steps: int = 1
     unmask_threshold: float | None = None
     cache_refresh_interval: int = 8
     cache_max_tokens: int = 65536
+    shared_prefix_max_tokens: int = 16384
+    prefix_block_tokens: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.denoising_steps, int) or self.denoising_steps < 1:
@@ -105,6 +114,13 @@ class DraftingOptions:
             )
         if not isinstance(self.cache_max_tokens, int) or self.cache_max_tokens < 0:
             raise ValueError(f"cache_max_tokens must be an int >= 0, got {self.cache_max_tokens!r}")
+        shared = self.shared_prefix_max_tokens
+        if not isinstance(shared, int) or shared < 0:
+            raise ValueError(f"shared_prefix_max_tokens must be an int >= 0, got {shared!r}")
+        if not isinstance(self.prefix_block_tokens, int) or self.prefix_block_tokens < 1:
+            raise ValueError(
+                f"prefix_block_tokens must be an int >= 1, got {self.prefix_block_tokens!r}"
+            )
 
     @property
     def cache_enabled(self) -> bool:
@@ -140,6 +156,11 @@ class StepFeatures:
     counts: list[int]
     positions: torch.Tensor
     hidden: torch.Tensor
+    # The token at every row's position ([total] int64 on the CPU), and a request's first
+    # `count` tokens: what a drafter sharing context between requests keys it by (None: not
+    # known, nothing is shared).
+    token_ids: torch.Tensor | None = None
+    prefix_tokens: Callable[[str, int], Sequence[int]] | None = None
 
     @classmethod
     def of_requests(cls, features: dict[str, TargetFeatures]) -> StepFeatures:
@@ -197,6 +218,8 @@ class TargetConditionedDrafter(Drafter, Protocol):
     """
 
     target_layer_ids: tuple[int, ...]
+    # Context shared between requests per block of a token prefix, if the drafter keeps it.
+    shared_prefixes: SharedPrefixStore | None
 
     def observe_step(self, features: StepFeatures) -> None:
         """Record the target's hidden states for tokens now part of each request's sequence;

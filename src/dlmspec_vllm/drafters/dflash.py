@@ -53,6 +53,7 @@ from dlmspec_vllm.drafters.checkpoint import (
     safetensors_files,
 )
 from dlmspec_vllm.drafters.qwen2_layout import Qwen2MLP
+from dlmspec_vllm.drafters.shared_prefix import ROOT, SharedBlock, SharedPrefixStore, block_key
 from dlmspec_vllm.drafters.transformer import RMSNorm, RotaryEmbedding, apply_rope
 
 ARCHITECTURE = "DFlashDraftModel"
@@ -260,16 +261,39 @@ class DFlashNetwork(nn.Module):
 
 
 class _RequestContext:
-    """One request's context keys/values: chunks of increasing positions, joined on demand."""
+    """One request's context keys/values: a head of shared blocks (positions 0 on, taken from
+    the SharedPrefixStore), then its own chunks of increasing positions, joined on demand.
 
-    __slots__ = ("positions", "keys", "values", "length", "last")
+    While the context runs from position 0 with nothing missing (``chained``), ``chain`` holds
+    the keys of its full blocks and ``open_tokens`` the tokens since the last one, so each block
+    it completes can be shared."""
 
-    def __init__(self, layers: int) -> None:
-        self.positions: list[torch.Tensor] = []  # chunks of [n] int64
+    __slots__ = (
+        "positions",
+        "keys",
+        "values",
+        "length",
+        "last",
+        "head",
+        "chain",
+        "open_tokens",
+        "chained",
+    )
+
+    def __init__(self, layers: int, head: Sequence[SharedBlock] = (), chained: bool = True) -> None:
+        self.positions: list[torch.Tensor] = []  # own chunks of [n] int64
         self.keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]  # [kv_heads, n, dim]
         self.values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-        self.length = 0
-        self.last = -1  # the highest position held
+        self.length = 0  # own positions (the head's are counted by the store)
+        self.head: list[SharedBlock] = list(head)
+        self.chain: list[int] = [block.key for block in self.head]
+        self.open_tokens: list[int] = []
+        self.chained = chained
+        self.last = self.head[-1].start + self.head[-1].keys[0].shape[1] - 1 if head else -1
+
+    @property
+    def head_length(self) -> int:
+        return sum(block.keys[0].shape[1] for block in self.head)
 
     def append(
         self,
@@ -289,22 +313,72 @@ class _RequestContext:
             self.joined()
 
     def joined(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Positions, and per layer keys and values, as single tensors."""
+        """Own positions, and per layer own keys and values, as single tensors."""
+        if not self.positions:
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty, [], []
         if len(self.positions) != 1:
             self.positions = [torch.cat(self.positions)]
             self.keys = [[torch.cat(chunks, 1)] for chunks in self.keys]
             self.values = [[torch.cat(chunks, 1)] for chunks in self.values]
         return self.positions[0], [k[0] for k in self.keys], [v[0] for v in self.values]
 
-    def keep(self, count: int, *, last: bool = False) -> None:
-        """Keep the first (or, with last, the most recent) count positions."""
+    def held_before(self, position: int) -> int:
+        """How many held positions (head and own) lie before `position`."""
+        head = self.head_length
+        if position <= head:
+            return position
+        return head + int((self.joined()[0] < position).sum())
+
+    def copy_into(
+        self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], row: int, count: int
+    ) -> None:
+        """The first `count` held positions' keys/values into row `row` of per-layer batches
+        [rows, kv_heads, n, dim]."""
+        at = 0
+        for block in self.head:
+            size = block.keys[0].shape[1]
+            for layer, (k, v) in enumerate(zip(block.keys, block.values, strict=True)):
+                keys[layer][row, :, at : at + size] = k
+                values[layer][row, :, at : at + size] = v
+            at += size
+        own = count - at
+        if own > 0:
+            _, held_keys, held_values = self.joined()
+            for layer in range(len(keys)):
+                keys[layer][row, :, at:count] = held_keys[layer][:, :own]
+                values[layer][row, :, at:count] = held_values[layer][:, :own]
+
+    def keep(self, count: int, *, last: bool = False) -> list[SharedBlock]:
+        """Keep the first (or, with last, the most recent) count positions, and no longer share
+        what is cut; returns the head blocks let go. Cutting into the head lets go of whole
+        blocks (the first of the most recent may keep fewer than count)."""
+        dropped: list[SharedBlock] = []
+        head = self.head_length
+        if last:
+            if head + self.length > count:
+                self.chained = False  # the context will no longer start at position 0
+            while self.head and self.head_length + self.length > count:
+                dropped.append(self.head.pop(0))
+            own_count = min(count, self.length)
+            cut = slice(-own_count, None) if own_count else slice(0, 0)
+        else:
+            while self.head and self.head_length > count:
+                dropped.append(self.head.pop())
+            cut = slice(0, max(0, count - head))
         positions, keys, values = self.joined()
-        cut = slice(-count, None) if last and count else slice(0, count)
-        self.positions = [positions[cut]]
-        self.keys = [[k[:, cut]] for k in keys]
-        self.values = [[v[:, cut]] for v in values]
-        self.length = self.positions[0].numel()
-        self.last = int(self.positions[0][-1]) if self.length else -1
+        if positions.numel():
+            self.positions = [positions[cut]]
+            self.keys = [[k[:, cut]] for k in keys]
+            self.values = [[v[:, cut]] for v in values]
+        self.length = self.positions[0].numel() if self.positions else 0
+        if self.length:
+            self.last = int(self.positions[0][-1])
+        elif self.head:
+            self.last = self.head[-1].start + self.head[-1].keys[0].shape[1] - 1
+        else:
+            self.last = -1
+        return dropped
 
 
 class DFlashDrafter:
@@ -347,10 +421,16 @@ class DFlashDrafter:
             )
         self._contexts: OrderedDict[str, _RequestContext] = OrderedDict()
         self._cached_tokens = 0
+        shared = self.options.shared_prefix_max_tokens
+        self.shared_prefixes = (
+            SharedPrefixStore(self.options.prefix_block_tokens, shared)
+            if self.options.cache_enabled and shared > 0
+            else None
+        )
         # Steps whose features some request has not taken in yet, by serial number: (hidden
-        # [n, F] where the target computed it, positions [n] on the CPU); and per request its
-        # rows there, as (serial, start, end), oldest first.
-        self._steps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # [n, F] where the target computed it, positions [n] on the CPU, their tokens or None);
+        # and per request its rows there, as (serial, start, end), oldest first.
+        self._steps: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._pending: dict[str, list[tuple[int, int, int]]] = {}
         self._next_serial = 0
 
@@ -454,18 +534,76 @@ class DFlashDrafter:
             return
         serial = self._next_serial
         self._next_serial += 1
-        self._steps[serial] = (features.hidden, features.positions.flatten())
+        positions = features.positions.flatten()
+        self._steps[serial] = (features.hidden, positions, features.token_ids)
         pending = self._pending
+        adopting = self.shared_prefixes is not None and features.prefix_tokens is not None
         start = 0
         for req_id, count in zip(features.req_ids, features.counts):
             rows = pending.get(req_id)
             if rows is None:
+                if adopting and req_id not in self._contexts:
+                    self._adopt_shared_prefix(req_id, int(positions[start]), features)
                 pending[req_id] = [(serial, start, start + count)]
             else:
                 rows.append((serial, start, start + count))
             start += count
         if len(self._steps) >= PROJECT_EVERY_STEPS:
             self._project(list(pending))
+
+    def _adopt_shared_prefix(self, req_id: str, first: int, features: StepFeatures) -> None:
+        """A request new to the drafter whose features start at `first` > 0: vLLM served its
+        first positions from its prefix cache, so its context starts with their shared blocks."""
+        store = self.shared_prefixes
+        if first == 0 or store is None or features.prefix_tokens is None:
+            return
+        head = store.take(features.prefix_tokens(req_id, first), first)
+        entry = _RequestContext(
+            self.config.num_hidden_layers,
+            head,
+            chained=len(head) * store.block_tokens == first,
+        )
+        self._contexts[req_id] = entry
+
+    def _release(self, blocks: Sequence[SharedBlock]) -> None:
+        if self.shared_prefixes is not None and blocks:
+            self.shared_prefixes.release(blocks)
+
+    def _share_blocks(self, entry: _RequestContext, tokens: Sequence[int]) -> None:
+        """Put every block the context completed with `tokens` (its newest positions) into the
+        shared store, keyed by its whole token prefix."""
+        store = self.shared_prefixes
+        assert store is not None
+        size = store.block_tokens
+        entry.open_tokens.extend(tokens)
+        while len(entry.open_tokens) >= size:
+            block_tokens = entry.open_tokens[:size]
+            key = block_key(entry.chain[-1] if entry.chain else ROOT, block_tokens)
+            start = len(entry.chain) * size
+            if key not in store:
+                _, own_keys, own_values = entry.joined()
+                at = start - entry.head_length
+                store.put(
+                    key,
+                    start,
+                    [k[:, at : at + size] for k in own_keys],
+                    [v[:, at : at + size] for v in own_values],
+                )
+            entry.chain.append(key)
+            del entry.open_tokens[:size]
+
+    def _rewind_chain(self, entry: _RequestContext, first: int) -> None:
+        """The context was cut back to positions before `first`: so is its chain of blocks."""
+        if self.shared_prefixes is None:
+            return
+        size = self.shared_prefixes.block_tokens
+        full = first // size
+        if full < len(entry.chain):
+            del entry.chain[full:]
+            entry.open_tokens = []
+            entry.chained = entry.chained and first % size == 0
+        else:
+            del entry.open_tokens[first - full * size :]
 
     @torch.inference_mode()
     def _project(self, req_ids: Sequence[str]) -> None:
@@ -478,8 +616,15 @@ class DFlashDrafter:
         chunks = [self._pending.pop(r) for r in wanted]
         steps = self._steps
         # Views of only the wanted rows, joined once: a copy of what is projected, no more.
-        hidden = torch.cat([steps[serial][0][a:b] for rows in chunks for serial, a, b in rows])
-        positions = torch.cat([steps[serial][1][a:b] for rows in chunks for serial, a, b in rows])
+        parts = [(steps[serial], a, b) for rows in chunks for serial, a, b in rows]
+        hidden = torch.cat([step[0][a:b] for step, a, b in parts])
+        positions = torch.cat([step[1][a:b] for step, a, b in parts])
+        known = all(step[2] is not None for step, _, _ in parts)
+        tokens = (
+            torch.cat([step[2][a:b] for step, a, b in parts]).tolist()  # type: ignore[index]
+            if known
+            else None
+        )
         layer_kv = self.network.context_keys_values(
             hidden.to(device=self.device, dtype=self.dtype)[None],
             positions.to(device=self.device)[None],
@@ -499,7 +644,8 @@ class DFlashDrafter:
                     pieces.append((at, at + b - a))
                     at += b - a
             for a, b in pieces:
-                self._append(req_id, positions[a:b], keys, values, a, b)
+                piece_tokens = tokens[a:b] if tokens is not None else None
+                self._append(req_id, positions[a:b], piece_tokens, keys, values, a, b)
             start = end
         if not self._pending:
             steps.clear()
@@ -508,31 +654,40 @@ class DFlashDrafter:
         self,
         req_id: str,
         positions: torch.Tensor,
+        tokens: Sequence[int] | None,
         keys: Sequence[torch.Tensor],
         values: Sequence[torch.Tensor],
         start: int,
         end: int,
     ) -> None:
-        """Rows start:end of a projection (increasing positions) join req_id's context."""
+        """Rows start:end of a projection (increasing positions, their tokens if known) join
+        req_id's context."""
         first, last = int(positions[0]), int(positions[-1])
         entry = self._contexts.pop(req_id, None)
         if entry is None:
-            entry = _RequestContext(self.config.num_hidden_layers)
+            entry = _RequestContext(self.config.num_hidden_layers, chained=first == 0)
         else:
             self._cached_tokens -= entry.length
             if first <= entry.last:
-                held = entry.joined()[0]
-                entry.keep(int((held < first).sum()))
+                self._release(entry.keep(entry.held_before(first)))
+                self._rewind_chain(entry, first)
+            elif first != entry.last + 1:
+                entry.chained = False  # positions are missing in between
         entry.append(
             positions, [k[:, start:end] for k in keys], [v[:, start:end] for v in values], last
         )
+        if tokens is None:
+            entry.chained = False
+        elif entry.chained and self.shared_prefixes is not None:
+            self._share_blocks(entry, tokens)
         limit = self.options.cache_max_tokens
         if entry.length > limit:
             # Only the most recent context fits the budget: attend to that window.
-            entry.keep(limit, last=True)
+            self._release(entry.keep(limit, last=True))
         while self._cached_tokens + entry.length > limit and self._contexts:
             _, evicted = self._contexts.popitem(last=False)
             self._cached_tokens -= evicted.length
+            self._release(evicted.head)
         self._contexts[req_id] = entry
         self._cached_tokens += entry.length
 
@@ -541,6 +696,7 @@ class DFlashDrafter:
         entry = self._contexts.pop(req_id, None)
         if entry is not None:
             self._cached_tokens -= entry.length
+            self._release(entry.head)
 
     @torch.inference_mode()
     def draft(
@@ -603,9 +759,12 @@ class DFlashDrafter:
                 start = known_until  # no features: the block starts at the last token alone
                 keep = 0
             else:
-                held = entry.joined()[0]
-                keep = int((held < known_until).sum())
-                start = int(held[keep - 1]) + 1 if keep else known_until
+                keep = entry.held_before(known_until)
+                own_kept = keep - entry.head_length
+                if own_kept > 0:
+                    start = int(entry.joined()[0][own_kept - 1]) + 1
+                else:
+                    start = entry.head_length if keep else known_until
                 # Tokens drafted since the features end join the block, but at most half of
                 # it: the rest must stay masks for a pass to draft anything worth its cost.
                 start = max(start, len(context) - block_size // 2)
@@ -654,10 +813,7 @@ class DFlashDrafter:
             positions[row] = torch.arange(start, start + block_size)
             mask[row, :, :keep] = True
             if keep:
-                _, held_keys, held_values = entry.joined()
-                for layer in range(layers):
-                    keys[layer][row, :, :keep] = held_keys[layer][:, :keep]
-                    values[layer][row, :, :keep] = held_values[layer][:, :keep]
+                entry.copy_into(keys, values, row, keep)
         embeds = F.embedding(ids.to(self.device), self.embed_weight)
         return self.network.block_hidden(
             embeds, positions.to(self.device), list(zip(keys, values)), mask.to(self.device)

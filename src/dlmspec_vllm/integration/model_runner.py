@@ -17,7 +17,6 @@ request's sequence in that step (`target_features_of_step`).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +29,6 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from dlmspec_vllm.drafters.base import StepFeatures
 from dlmspec_vllm.integration.patching import MethodPatch
 from dlmspec_vllm.proposer import DlmProposer, StepBatch
-
-logger = logging.getLogger(__name__)
 
 # Set on the runner once the target returns the drafter's layers: a TargetLayerPlan.
 PLAN_ATTRIBUTE = "dlmspec_target_layers"
@@ -230,13 +227,6 @@ class GPUModelRunnerPatch(MethodPatch):
             model.set_aux_hidden_state_layers(plan.vllm_layers)
             self.use_aux_hidden_state_outputs = True
         setattr(self, PLAN_ATTRIBUTE, plan)
-        if self.cache_config.enable_prefix_caching:
-            logger.warning(
-                "dlm drafter reads target hidden states and prefix caching is on: a prompt "
-                "prefix served from vLLM's cache is not recomputed, so the drafter gets no "
-                "target features for it (its features start after the cached prefix); start "
-                "vLLM with --no-enable-prefix-caching to give the drafter every position"
-            )
 
     def propose_draft_token_ids(
         self: Any,
