@@ -73,6 +73,10 @@ ENGINE_ENVIRONMENT = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "LD
 REFERENCE = "@ref"
 # Suffix of a dlm configuration run with --previous-drafter, another drafter, in the same run.
 PREVIOUS = "@previous"
+# No speculation under synchronous scheduling: vLLM schedules asynchronously by default, but
+# only for some speculative methods (not ngram, not custom_class, which dlm runs on).
+SYNCHRONOUS_BASELINE = "none-sync"
+ENGINE_OVERRIDES: dict[str, dict[str, Any]] = {SYNCHRONOUS_BASELINE: {"async_scheduling": False}}
 # The floor of the dlm method: everything it does in a step, with no request ever drafting.
 NEVER_DRAFTING = {"num_speculative_tokens": 4, "controller": {"name": "fixed", "k": 0}}
 
@@ -81,6 +85,7 @@ def all_configs(target: Path, drafter: Path | None, ar_drafter: Path) -> dict[st
     """Every configuration by name: its --speculative-config (None: no speculation)."""
     configs: dict[str, dict | None] = {
         BASELINE: None,
+        SYNCHRONOUS_BASELINE: None,
         "ngram-k4": {
             "method": "ngram",
             "num_speculative_tokens": 4,
@@ -618,6 +623,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         report["configs"][name] = {
             "speculative_config": configs[name],
+            "engine_overrides": ENGINE_OVERRIDES.get(name, {}),
             "engine_startup_seconds": [r.startup_seconds for r in engines[name]],
             "engine_counters": [r.spec_decode for r in engines[name]],
             "engine_accepted_per_position": [r.accepted_per_position for r in engines[name]],
@@ -641,6 +647,8 @@ def engine_setup(
 ) -> tuple[EngineJob, dict[str, str] | None]:
     """A configuration's engine job over `prompts`, and the environment it runs in."""
     job = engine_job(args.target, spec, prompts, args)
+    if name in ENGINE_OVERRIDES:
+        job.engine_kwargs.update(ENGINE_OVERRIDES[name])
     if not name.endswith(REFERENCE):
         return job, None
     # An older proposer's report has other fields: its figures are vLLM's alone. Only
