@@ -619,12 +619,8 @@ class DFlashDrafter:
         parts = [(steps[serial], a, b) for rows in chunks for serial, a, b in rows]
         hidden = torch.cat([step[0][a:b] for step, a, b in parts])
         positions = torch.cat([step[1][a:b] for step, a, b in parts])
-        known = all(step[2] is not None for step, _, _ in parts)
-        tokens = (
-            torch.cat([step[2][a:b] for step, a, b in parts]).tolist()  # type: ignore[index]
-            if known
-            else None
-        )
+        token_parts = [step[2][a:b] for step, a, b in parts if step[2] is not None]
+        tokens = torch.cat(token_parts).tolist() if len(token_parts) == len(parts) else None
         layer_kv = self.network.context_keys_values(
             hidden.to(device=self.device, dtype=self.dtype)[None],
             positions.to(device=self.device)[None],
