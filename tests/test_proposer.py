@@ -280,7 +280,6 @@ class ScriptedTargetConditionedDrafter(ScriptedDrafter):
     """A ScriptedDrafter that reads target features: it keeps every step it is handed."""
 
     target_layer_ids = (0, 2)
-    shared_prefixes = None
 
     def __init__(self) -> None:
         super().__init__()

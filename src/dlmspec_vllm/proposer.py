@@ -38,6 +38,7 @@ from dlmspec_vllm.drafters.base import (
 from dlmspec_vllm.drafters.checkpoint import resolve_checkpoint_dir
 from dlmspec_vllm.drafters.context_lookup import context_continuations
 from dlmspec_vllm.drafters.loading import load_drafter
+from dlmspec_vllm.drafters.shared_prefix import SharedPrefixStore
 from dlmspec_vllm.lattice.chooser import PathChooser
 
 if TYPE_CHECKING:
@@ -607,7 +608,7 @@ class DlmProposer:
         if features is None:
             return
         drafter = cast(TargetConditionedDrafter, self.drafter)
-        if drafter.shared_prefixes is not None:
+        if _shared_prefixes(drafter) is not None:
             row_of = {req_id: row for row, req_id in enumerate(step.req_ids)}
             owners = np.repeat([row_of[r] for r in features.req_ids], features.counts)
             tokens = token_ids_cpu[owners, features.positions.numpy()]
@@ -628,14 +629,13 @@ class DlmProposer:
         }
         if self._copied_source is not None:
             report["copied_controller"] = self._copied_source.controller.stats().as_dict()
-        if isinstance(self.drafter, TargetConditionedDrafter):
-            shared = self.drafter.shared_prefixes
-            if shared is not None:
-                report["shared_prefix"] = {
-                    **shared.stats.as_dict(),
-                    "shared_prefix_tokens": shared.num_tokens,
-                    "shared_prefix_held_blocks": shared.num_held,
-                }
+        shared = _shared_prefixes(self.drafter)
+        if shared is not None:
+            report["shared_prefix"] = {
+                **shared.stats.as_dict(),
+                "shared_prefix_tokens": shared.num_tokens,
+                "shared_prefix_held_blocks": shared.num_held,
+            }
         return report
 
     def _draft_in_passes(self, pending: list[_Drafting]) -> float:
@@ -716,6 +716,12 @@ class DlmProposer:
                     drafted_tokens=source.drafted_tokens,
                 )
             )
+
+
+def _shared_prefixes(drafter: Drafter | None) -> SharedPrefixStore | None:
+    """The drafter's store of context shared per prefix block: an optional capability of a
+    target-conditioned drafter (DFlash's), so other drafters need not declare it."""
+    return getattr(drafter, "shared_prefixes", None)
 
 
 def _eos_ids(hf_config: Any) -> frozenset[int]:

@@ -13,8 +13,6 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from dlmspec_vllm.drafters.shared_prefix import SharedPrefixStore
-
 
 @dataclass
 class DraftBlock:
@@ -218,8 +216,6 @@ class TargetConditionedDrafter(Drafter, Protocol):
     """
 
     target_layer_ids: tuple[int, ...]
-    # Context shared between requests per block of a token prefix, if the drafter keeps it.
-    shared_prefixes: SharedPrefixStore | None
 
     def observe_step(self, features: StepFeatures) -> None:
         """Record the target's hidden states for tokens now part of each request's sequence;
