@@ -15,7 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dlmspec_vllm.drafters.base import StepFeatures, TargetConditionedDrafter, TargetFeatures
+from dlmspec_vllm.drafters.base import (
+    DraftingOptions,
+    StepFeatures,
+    TargetConditionedDrafter,
+    TargetFeatures,
+)
 from dlmspec_vllm.drafters.dflash import (
     CONSOLIDATE_CHUNKS,
     PROJECT_EVERY_STEPS,
@@ -71,6 +76,7 @@ def make_drafter(parts, draft_to_target=None, **options) -> DFlashDrafter:
         head_weight=head,
         draft_to_target=draft_to_target,
         target_vocab_size=VOCAB,
+        options=DraftingOptions(**options),
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_dflash_drafter import FEATURES, MASK, direct_logits, parts  # noqa: F401
+from test_dflash_drafter import FEATURES, MASK, direct_logits, make_drafter, parts  # noqa: F401
 
 from dlmspec_vllm.drafters.base import DraftingOptions, StepFeatures
 from dlmspec_vllm.drafters.dflash import DFlashDrafter
@@ -19,15 +19,7 @@ BLOCK = 4
 
 
 def drafter_with(parts, **options) -> DFlashDrafter:  # noqa: F811
-    network, embed, head = parts
-    return DFlashDrafter(
-        network,
-        embed_weight=embed,
-        head_weight=head,
-        draft_to_target=None,
-        target_vocab_size=embed.shape[0],
-        options=DraftingOptions(prefix_block_tokens=BLOCK, **options),
-    )
+    return make_drafter(parts, prefix_block_tokens=BLOCK, **options)
 
 
 class Requests:
