@@ -19,7 +19,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_results(json_path: str | Path) -> Path:
-    """Speedup per configuration and batch size, and acceptance per draft position; PNG path."""
+    """Speedup per configuration and batch size, acceptance per draft position, and where the
+    run measured it, time to first token; PNG path."""
     json_path = Path(json_path)
     report: dict[str, Any] = json.loads(json_path.read_text())
     configs = {n: e for n, e in report["configs"].items() if "by_batch_size" in e}
@@ -27,22 +28,23 @@ def plot_results(json_path: str | Path) -> Path:
     sizes = sorted(baseline)
     names = list(configs)
 
-    figure, (speed, accept) = plt.subplots(1, 2, figsize=(15, 6), width_ratios=(3, 2))
-    width = 0.8 / len(sizes)
-    for i, size in enumerate(sizes):
-        values = [_row(configs[n], size)["tokens_per_second"] / baseline[size] for n in names]
-        bars = speed.bar(
-            [x + i * width for x in range(len(names))], values, width, label=f"batch {size}"
-        )
-        for bar, name in zip(bars, names):
-            if _row(configs[name], size).get("lossless") is False:
-                bar.set_hatch("//")
+    with_first_token = any(
+        r.get("time_to_first_token_seconds") for e in configs.values() for r in e["by_batch_size"]
+    )
+    panels = 3 if with_first_token else 2
+    figure, axes = plt.subplots(
+        1, panels, figsize=(7.5 * panels, 6), width_ratios=(3, 2, 3)[:panels]
+    )
+    speed, accept = axes[0], axes[1]
+    _bars(speed, configs, sizes, lambda row: row["tokens_per_second"] / baseline[row["batch_size"]])
     speed.axhline(1.0, color="black", linewidth=0.8)
-    speed.set_xticks([x + width * (len(sizes) - 1) / 2 for x in range(len(names))])
-    speed.set_xticklabels(names, rotation=45, ha="right")
     speed.set_ylabel("tokens/s relative to no speculation")
     speed.set_title("Speedup (hatched: greedy output differs from no speculation)")
-    speed.legend()
+    if with_first_token:
+        first = axes[2]
+        _bars(first, configs, sizes, _mean_first_token)
+        first.set_ylabel("seconds (engine time, mean over requests)")
+        first.set_title("Time to first token")
 
     smallest = sizes[0]
     for name in names:
@@ -70,6 +72,31 @@ def plot_results(json_path: str | Path) -> Path:
     figure.savefig(png_path, dpi=110)
     plt.close(figure)
     return png_path
+
+
+def _bars(axis: Any, configs: dict[str, Any], sizes: list[int], value: Any) -> None:
+    """One group of bars per configuration, one bar per batch size; hatched where lossy."""
+    names = list(configs)
+    width = 0.8 / len(sizes)
+    for i, size in enumerate(sizes):
+        rows = [_row(configs[n], size) for n in names]
+        bars = axis.bar(
+            [x + i * width for x in range(len(names))],
+            [value(row) for row in rows],
+            width,
+            label=f"batch {size}",
+        )
+        for bar, row in zip(bars, rows):
+            if row.get("lossless") is False:
+                bar.set_hatch("//")
+    axis.set_xticks([x + width * (len(sizes) - 1) / 2 for x in range(len(names))])
+    axis.set_xticklabels(names, rotation=45, ha="right")
+    axis.legend()
+
+
+def _mean_first_token(row: dict[str, Any]) -> float:
+    first = row.get("time_to_first_token_seconds")
+    return first["mean"] if first else float("nan")
 
 
 def _row(entry: dict[str, Any], batch_size: int) -> dict[str, Any]:

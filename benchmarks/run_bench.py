@@ -21,6 +21,14 @@ only their benchmark halves), or quote (benchmarks/quote_set.py: requests to rep
 the prompt gives). With --min-requests N each batch size serves max(N, batch)
 requests, rounded up to whole batches, from the front of the sets taken in turn, so a large
 batch is filled without making batch 1 serve every prompt.
+
+With --system-prompt-tokens N every request begins with one shared system prompt of about N
+tokens (a standard-library module's docstring, quote_set.shared_document); with --prefix-caching
+the engines keep vLLM's default, prefix caching on, each batch size serves prompts of its own
+(so none is served from another's cache), and configurations named NAME-no-prefix-cache run NAME
+with it off, dlm ones named NAME-unshared with the drafter's shared prefixes off
+(`drafting.shared_prefix_max_tokens` 0). Closed loops also report each request's time to its
+first token, counted in engine time (the turns of --interleave left out).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -79,6 +88,12 @@ SYNCHRONOUS_BASELINE = "none-sync"
 ENGINE_OVERRIDES: dict[str, dict[str, Any]] = {SYNCHRONOUS_BASELINE: {"async_scheduling": False}}
 # The floor of the dlm method: everything it does in a step, with no request ever drafting.
 NEVER_DRAFTING = {"num_speculative_tokens": 4, "controller": {"name": "fixed", "k": 0}}
+# Suffixes of the configurations --prefix-caching adds: prefix caching off for that engine, and
+# a dlm drafter keeping no shared prefixes (what a cached prefix gave it before they existed).
+NO_PREFIX_CACHE = "-no-prefix-cache"
+UNSHARED = "-unshared"
+# What every request's system prompt says before the shared document.
+SYSTEM_PREAMBLE = "You are a helpful assistant. This document may help with the user's request:"
 
 
 def all_configs(target: Path, drafter: Path | None, ar_drafter: Path) -> dict[str, dict | None]:
@@ -124,6 +139,35 @@ def all_configs(target: Path, drafter: Path | None, ar_drafter: Path) -> dict[st
         configs[f"{name}-lattice"] = {**base, "lattice": True}
         configs[f"{name}-lookup"] = {**base, "context_lookup": True}
     return configs
+
+
+def prefix_cache_variants(configs: dict[str, dict | None]) -> dict[str, dict | None]:
+    """Every configuration again with prefix caching off (NAME-no-prefix-cache; the engine
+    setting is engine_setup's), and the dlm ones with the drafter's shared prefixes off
+    (NAME-unshared)."""
+    variants = {f"{name}{NO_PREFIX_CACHE}": spec for name, spec in configs.items()}
+    for name, spec in configs.items():
+        if spec and spec.get("method") == "dlm":
+            drafting = {**spec.get("drafting", {}), "shared_prefix_max_tokens": 0}
+            variants[f"{name}{UNSHARED}"] = {**spec, "drafting": drafting}
+    return variants
+
+
+def system_prompt(target: Path, tokens: int) -> dict[str, Any] | None:
+    """The shared system prompt of about ``tokens`` target tokens, with its source and length
+    (None for 0)."""
+    if tokens <= 0:
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(target))
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    source, document = quote_set.shared_document(count, tokens)
+    text = f"{SYSTEM_PREAMBLE}\n\n{document}"
+    return {"text": text, "tokens": count(text), "document": f"Lib/{source} module docstring"}
 
 
 def with_drafter(
@@ -191,24 +235,37 @@ def requests_per_round(
     min_requests: int,
     rounds: int,
     waves: int = 1,
+    distinct: bool = False,
 ) -> list[dict[int, list[dict[str, str]]]]:
     """Per round, the records each batch size serves. With min_requests 0: every record, in
     every round. Otherwise each round serves max(min_requests / rounds, waves * batch), rounded
     up to whole batches, taken from where the last round stopped (from the front again once all
-    were served, so with waves a round may serve a prompt twice, never in one batch)."""
+    were served, so with waves a round may serve a prompt twice, never in one batch). With
+    distinct, no record is served twice: each batch size starts where the last one stopped."""
     if min_requests <= 0:
+        if distinct:
+            raise SystemExit("distinct prompts per batch size need --min-requests")
         return [{size: records for size in batch_sizes} for _ in range(rounds)]
     chosen: list[dict[int, list[dict[str, str]]]] = [{} for _ in range(rounds)]
+    first = 0
     for size in batch_sizes:
         wanted = math.ceil(max(math.ceil(min_requests / rounds), waves * size) / size) * size
+        if distinct and first + rounds * wanted > len(records):
+            raise SystemExit(
+                f"with prefix caching every batch size serves prompts of its own: batch sizes "
+                f"{list(batch_sizes)} need more than the {len(records)} prompts of the chosen "
+                "sets; raise --prompts-per-set or lower --min-requests"
+            )
         if wanted > len(records) and (waves == 1 or size > len(records)):
             raise SystemExit(
                 f"batch size {size} needs {wanted} prompts, the chosen sets hold {len(records)}: "
                 "raise --prompts-per-set or lower --min-requests"
             )
         for r in range(rounds):
-            start = r * wanted
+            start = first + r * wanted
             chosen[r][size] = [records[(start + i) % len(records)] for i in range(wanted)]
+        if distinct:
+            first += rounds * wanted
     return chosen
 
 
@@ -223,13 +280,21 @@ def groups(items: Sequence[str], size: int, load: str) -> list[list[str]]:
 
 
 def batches_of_size(
-    prompts: Sequence[str], size: int, sampling: SamplingSettings, load: str
+    prompts: Sequence[str],
+    size: int,
+    sampling: SamplingSettings,
+    load: str,
+    system: str | None = None,
 ) -> list[Batch]:
     concurrency = size if load == "closed-loop" else None
     return [
-        Batch(prompts=group, sampling=sampling, chat=True, concurrency=concurrency)
+        Batch(prompts=group, sampling=sampling, chat=True, system=system, concurrency=concurrency)
         for group in groups(prompts, size, load)
     ]
+
+
+def system_text(args: argparse.Namespace) -> str | None:
+    return args.system_prompt["text"] if args.system_prompt else None
 
 
 def greedy(args: argparse.Namespace) -> SamplingSettings:
@@ -247,17 +312,19 @@ def engine_job(
     batches = [
         batch
         for size in args.batch_sizes
-        for batch in batches_of_size(prompts[size], size, greedy(args), args.load)
+        for batch in batches_of_size(
+            prompts[size], size, greedy(args), args.load, system_text(args)
+        )
     ]
     engine = {
         "enforce_eager": args.enforce_eager,
         "max_model_len": args.max_model_len,
         "dtype": args.dtype,
         "seed": 0,
-        # Every batch size serves the same prompts in one engine: with prefix caching the later
-        # rounds would skip their prompts' prefill (and a DFlash drafter would get no target
-        # features for them), so all configurations run without it.
-        "enable_prefix_caching": False,
+        # Without --prefix-caching every batch size serves the same prompts in one engine, and
+        # a cache would serve the later ones their whole prompts: all configurations run
+        # without it.
+        "enable_prefix_caching": args.prefix_caching,
     }
     if speculative_config is not None:  # vLLM refuses the setting without speculation
         engine["per_request_spec_decode_metrics"] = "detailed"
@@ -315,6 +382,7 @@ def summarize(
         accepted = [a for m in metrics for a in m.get("per_step_accepted", [])]
         generated = sum(b.generated_tokens for b in batches)
         seconds = sum(b.seconds for b in batches)
+        first_tokens = sorted(t for b in batches for t in b.first_token_seconds)
         longest = max(drafted, default=0)
         rows.append(
             {
@@ -327,6 +395,18 @@ def summarize(
                     / sum(b.seconds for b in split[size][0])
                     for split in splits
                 ],
+                # Closed loops only: engine seconds from a request's joining to its first token.
+                "time_to_first_token_seconds": {
+                    "mean": statistics.fmean(first_tokens),
+                    "median": statistics.median(first_tokens),
+                    "p90": first_tokens[math.ceil(0.9 * len(first_tokens)) - 1],
+                    "mean_per_round": [
+                        statistics.fmean(t for b in split[size][0] for t in b.first_token_seconds)
+                        for split in splits
+                    ],
+                }
+                if first_tokens
+                else None,
                 "drafting_steps": len(drafted),
                 "draft_tokens": sum(drafted),
                 "accepted_tokens": sum(accepted),
@@ -515,6 +595,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="LABEL=DIR",
         help="more drafters (repeatable): dlm configurations named NAME@LABEL run NAME with DIR",
     )
+    parser.add_argument(
+        "--system-prompt-tokens",
+        type=int,
+        default=0,
+        help="every request begins with one shared system prompt of about this many tokens",
+    )
+    parser.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help=f"vLLM's prefix caching on (its default) in every engine but the NAME"
+        f"{NO_PREFIX_CACHE} ones; each batch size then serves prompts of its own",
+    )
     parser.add_argument("--prompts", type=Path, default=HERE / "prompts.json")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=512)
@@ -534,6 +627,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.configs = args.configs or ",".join(QUICK_CONFIGS)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.sets = args.sets.split(",")
+    args.system_prompt = None  # main() reads it from the target's tokenizer
     return args
 
 
@@ -547,6 +641,8 @@ def main(argv: list[str] | None = None) -> None:
     chosen = [BASELINE] + [
         c for c in (args.configs.split(",") if args.configs else configs) if c != BASELINE
     ]
+    if args.prefix_caching:
+        configs |= prefix_cache_variants(configs)
     if args.reference_src is not None:
         configs |= {f"{name}{REFERENCE}": spec for name, spec in configs.items() if spec}
     if args.previous_drafter is not None:
@@ -566,8 +662,9 @@ def main(argv: list[str] | None = None) -> None:
         truncate_target(args.target, ar_dir, layers=args.ar_layers)
     records = load_prompts(args.prompts, args.sets, args.prompts_per_set)
     served = requests_per_round(
-        records, args.batch_sizes, args.min_requests, args.rounds, args.waves
+        records, args.batch_sizes, args.min_requests, args.rounds, args.waves, args.prefix_caching
     )
+    args.system_prompt = system_prompt(args.target, args.system_prompt_tokens)
     prompts = [{size: [r["prompt"] for r in chosen] for size, chosen in s.items()} for s in served]
     request_sets = [
         {size: [r["set"] for r in chosen] for size, chosen in s.items()} for s in served
@@ -601,6 +698,8 @@ def main(argv: list[str] | None = None) -> None:
                 if name in public_sets.SETS
             },
             **({"quote_set": quote_set.DESCRIPTION} if quote_set.NAME in args.sets else {}),
+            "system_prompt": args.system_prompt,
+            "prefix_caching": args.prefix_caching,
             "max_tokens": args.max_tokens,
             "ignore_eos": args.ignore_eos,
             "load": args.load,
@@ -649,6 +748,8 @@ def engine_setup(
     job = engine_job(args.target, spec, prompts, args)
     if name in ENGINE_OVERRIDES:
         job.engine_kwargs.update(ENGINE_OVERRIDES[name])
+    if NO_PREFIX_CACHE in name:
+        job.engine_kwargs["enable_prefix_caching"] = False
     if not name.endswith(REFERENCE):
         return job, None
     # An older proposer's report has other fields: its figures are vLLM's alone. Only
@@ -744,7 +845,9 @@ def run_interleaved(
                 turn = r % len(chosen)
                 order = [n for n in chosen[turn:] + chosen[:turn] if n not in failed]
                 print(f"batch {size}, round {r + 1}: {', '.join(order)}", flush=True)
-                batches = batches_of_size(round_prompts[size], size, greedy(args), args.load)
+                batches = batches_of_size(
+                    round_prompts[size], size, greedy(args), args.load, system_text(args)
+                )
                 for name, served in serve_in_turns(resident, order, batches, args).items():
                     if isinstance(served, EngineRunError):
                         del resident[name]
@@ -800,11 +903,19 @@ def serve_in_turns(
 
 
 def mark_lossless(configs: dict[str, dict]) -> None:
-    """Compare each configuration's greedy tokens with the baseline's at the same batch size."""
-    baseline = {r["batch_size"]: r["token_ids"] for r in configs[BASELINE].get("by_batch_size", [])}
-    for entry in configs.values():
+    """Compare each configuration's greedy tokens with the baseline's at the same batch size:
+    a NAME-no-prefix-cache one's with the baseline's without prefix caching where it ran (the
+    two paths to the same tokens may round differently)."""
+
+    def tokens_of(name: str) -> dict[int, list]:
+        rows = configs.get(name, {}).get("by_batch_size", [])
+        return {r["batch_size"]: r["token_ids"] for r in rows}
+
+    baseline = tokens_of(BASELINE)
+    uncached = tokens_of(f"{BASELINE}{NO_PREFIX_CACHE}") or baseline
+    for name, entry in configs.items():
         for row in entry.get("by_batch_size", []):
-            expected = baseline.get(row["batch_size"])
+            expected = (uncached if NO_PREFIX_CACHE in name else baseline).get(row["batch_size"])
             if expected is None:
                 row["lossless"] = None
                 continue
@@ -838,19 +949,22 @@ def table(report: dict[str, Any]) -> str:
         for r in report["configs"][BASELINE].get("by_batch_size", [])
     }
     lines = [
-        f"{'config':<24}{'batch':>6}{'tok/s':>9}{'speedup':>9}{'mean acc len':>14}{'lossless':>10}"
+        f"{'config':<40}{'batch':>6}{'tok/s':>9}{'speedup':>9}{'TTFT s':>8}{'mean acc len':>14}"
+        f"{'lossless':>10}"
     ]
     for name, entry in report["configs"].items():
         if "error" in entry:
-            lines.append(f"{name:<24}{'FAILED (see JSON)':>40}")
+            lines.append(f"{name:<40}{'FAILED (see JSON)':>40}")
             continue
         for row in entry["by_batch_size"]:
             mal = row["mean_accepted_length"]
             speedup = row["tokens_per_second"] / base[row["batch_size"]] if base else float("nan")
+            first = row.get("time_to_first_token_seconds")
+            ttft = "-" if first is None else f"{first['mean']:.2f}"
             lines.append(
-                f"{name:<24}{row['batch_size']:>6}{row['tokens_per_second']:>9.1f}"
-                f"{speedup:>8.2f}x{'-' if mal is None else f'{mal:.2f}':>14}"
-                f"{str(row['lossless']):>10}"
+                f"{name:<40}{row['batch_size']:>6}{row['tokens_per_second']:>9.1f}"
+                f"{speedup:>8.2f}x{ttft:>8}"
+                f"{'-' if mal is None else f'{mal:.2f}':>14}{str(row['lossless']):>10}"
             )
     return "\n".join(lines)
 

@@ -51,6 +51,8 @@ class Batch(BaseModel):
     prompts: list[str]
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     chat: bool = False
+    # With chat: a system message every prompt begins with (a shared prefix).
+    system: str | None = None
     concurrency: int | None = Field(default=None, ge=1)
 
 
@@ -74,6 +76,8 @@ class BatchResult(BaseModel):
     spec_decode_per_request: list[dict[str, Any] | None] = Field(default_factory=list)
     # With report_proposer: each worker's proposer report right after this batch (cumulative).
     proposers: list[dict[str, Any] | None] = Field(default_factory=list)
+    # A closed loop's: per request, the engine's seconds from joining to its first token.
+    first_token_seconds: list[float] = Field(default_factory=list)
 
 
 class EngineResult(BaseModel):
@@ -131,18 +135,25 @@ def serve_batch(llm: Any, batch: Batch, report_proposer: bool) -> BatchResult:
 
 def _prompts(llm: Any, batch: Batch) -> list[Any]:
     if not batch.chat:
+        if batch.system is not None:
+            raise ValueError("a batch's system message needs chat=True")
         return list(batch.prompts)
     tokenizer = llm.get_tokenizer()
+    system = [{"role": "system", "content": batch.system}] if batch.system is not None else []
     return [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            [*system, {"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
         )
         for p in batch.prompts
     ]
 
 
 def _batch_result(
-    llm: Any, outputs: list[Any], seconds: float, report_proposer: bool
+    llm: Any,
+    outputs: list[Any],
+    seconds: float,
+    report_proposer: bool,
+    first_token_seconds: list[float] | None = None,
 ) -> BatchResult:
     token_ids = [list(o.outputs[0].token_ids) for o in outputs]
     return BatchResult(
@@ -154,6 +165,7 @@ def _batch_result(
             m.to_dict() if (m := o.outputs[0].spec_decode_metrics) else None for o in outputs
         ],
         proposers=_proposer_reports(llm) if report_proposer else [],
+        first_token_seconds=first_token_seconds or [],
     )
 
 
@@ -161,7 +173,7 @@ class ClosedLoop:
     """A batch served with at most `concurrency` requests in flight, a new one joining as soon
     as one finishes (what a server under N concurrent clients sees), outputs in prompt order.
     It can be advanced in slices: between them the engine stands still, and only the time
-    inside them counts."""
+    inside them counts, for the batch and for each request's time to its first token."""
 
     def __init__(self, llm: Any, batch: Batch) -> None:
         from vllm import SamplingParams
@@ -175,32 +187,44 @@ class ClosedLoop:
         self._waiting = iter(zip(self._ids, _prompts(llm, batch)))
         self._to_admit = batch.concurrency
         self._done: dict[str, Any] = {}
+        # In-slice seconds when each request joined, and from then to its first token.
+        self._joined: dict[str, float] = {}
+        self._first_token: dict[str, float] = {}
         self.seconds = 0.0
 
     def advance(self, seconds: float = math.inf) -> bool:
         """Step the engine for about `seconds` (at least one step); True once all are done."""
         started = time.perf_counter()
+
+        def clock() -> float:
+            return self.seconds + time.perf_counter() - started
+
         for _ in range(self._to_admit):
-            self._admit()
+            self._admit(clock())
         self._to_admit = 0
         engine = self._engine
         while engine.has_unfinished_requests():
             for output in engine.step():
+                request_id = output.request_id
+                if request_id not in self._first_token and output.outputs[0].token_ids:
+                    self._first_token[request_id] = clock() - self._joined[request_id]
                 if output.finished:
-                    self._done[output.request_id] = output
-                    self._admit()
+                    self._done[request_id] = output
+                    self._admit(clock())
             if time.perf_counter() - started >= seconds:
                 break
-        self.seconds += time.perf_counter() - started
+        self.seconds = clock()
         return not engine.has_unfinished_requests()
 
     def result(self, report_proposer: bool) -> BatchResult:
         outputs = [self._done[request_id] for request_id in self._ids]
-        return _batch_result(self._llm, outputs, self.seconds, report_proposer)
+        first_tokens = [self._first_token[request_id] for request_id in self._ids]
+        return _batch_result(self._llm, outputs, self.seconds, report_proposer, first_tokens)
 
-    def _admit(self) -> None:
+    def _admit(self, now: float) -> None:
         request = next(self._waiting, None)
         if request is not None:
+            self._joined[request[0]] = now
             self._engine.add_request(*request, self._params)
 
 
