@@ -92,7 +92,7 @@ def instrument(llm: Any, timers: Timers) -> None:
     """Wrap the timed parts of this in-process engine."""
     import dlmspec_vllm.integration.model_runner as runner_patch
     import dlmspec_vllm.proposer as proposer_module
-    from dlmspec_vllm.drafters.base import DraftBlock
+    from dlmspec_vllm.drafters.base import Drafts
     from dlmspec_vllm.lattice.chooser import PathChooser
 
     core = llm.llm_engine.engine_core.engine_core
@@ -118,7 +118,7 @@ def instrument(llm: Any, timers: Timers) -> None:
                 timers.wrap(drafter, method, "drafter_take_features")
                 break
         timers.wrap(PathChooser, "choose", "lattice_choose")
-        timers.wrap(DraftBlock, "confidences", "draft_confidences")
+        timers.wrap(Drafts, "confidences", "draft_confidences")
         timers.wrap(proposer_module, "context_continuations", "context_lookup")
 
 

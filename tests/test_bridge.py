@@ -1,5 +1,5 @@
 """The vocabulary bridge: when it is used, the start-up pairing check, the text round trip, the
-confidence carried to target tokens, and the bridged DraftBlock.
+confidence carried to target tokens, and the bridged Drafts.
 
 Target: the tiny pair's Qwen2 tokenizer. Drafter: the tiny LLaDA, whose byte-level BPE was
 trained on other files to another size, so the two number their tokens differently.

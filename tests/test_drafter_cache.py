@@ -180,3 +180,26 @@ def test_no_cache_without_req_ids_or_with_interval_zero(
     assert cached.num_cached_requests == 0
     torch.testing.assert_close(off.draft(contexts, [5, 5, 5], req_ids=REQS).logits, plain.logits)
     assert off.num_cached_requests == 0
+
+
+def test_the_token_budget_evicts_least_recently_used_and_reports_what_leaves_for_good():
+    """The bookkeeping the diffusion drafters' prefix cache and DFlash's contexts share."""
+    from dlmspec_vllm.drafters.cache import TokenBudgetLRU
+
+    removed: list[str] = []
+    lru: TokenBudgetLRU[str] = TokenBudgetLRU(10, len, removed.append)
+    lru.put("a", "aaaa")
+    lru.put("b", "bbbb")
+    assert lru.get("a") == "aaaa"  # a is now the most recently used
+    lru.put("c", "cccc")  # 12 tokens: b, the least recently used, goes
+    assert removed == ["bbbb"] and "b" not in lru and lru.num_tokens == 8
+    taken = lru.take("a")  # out to be changed: not removed, not counted
+    assert taken == "aaaa" and removed == ["bbbb"] and lru.num_tokens == 4
+    lru.put("a", "aaaaaa")
+    assert lru.num_tokens == 10 and lru.num_requests == 2
+    lru.put("a", "aa")  # a replaced: the old entry leaves
+    assert removed == ["bbbb", "aaaaaa"] and lru.num_tokens == 6
+    lru.put("d", "d" * 11)  # larger than the whole budget: never stored, nothing evicted
+    assert removed[-1] == "d" * 11 and "d" not in lru and lru.num_requests == 2
+    lru.forget("c")
+    assert removed[-1] == "cccc" and lru.num_tokens == 2 and list(lru.values()) == ["aa"]

@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from dlmspec_harness.tiny_pair import HELDOUT_FILES, TinyPair
-from dlmspec_vllm.drafters.base import DraftBlock
+from dlmspec_vllm.drafters.base import Drafts
 from dlmspec_vllm.drafters.dream import DreamDrafter, DreamModel
 from dlmspec_vllm.drafters.loading import DrafterLoadError, load_drafter
 from dlmspec_vllm.training import dream_from_causal_lm
@@ -110,7 +110,7 @@ def test_shapes_ragged_lengths_and_zero_length_requests_skip_the_forward(
         empty = drafter.draft(contexts[:2], [0, 0])
     finally:
         hook.remove()
-    assert isinstance(block, DraftBlock)
+    assert isinstance(block, Drafts)
     assert block.logits.shape == (4, 5, drafter.target_vocab_size)
     assert block.lengths == [3, 0, 5, 1]
     assert [len(row) for row in block.argmax_tokens()] == [3, 0, 5, 1]

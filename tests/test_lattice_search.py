@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from dlmspec_vllm.drafters.base import DraftBlock
+from dlmspec_vllm.drafters.base import Drafts
 from dlmspec_vllm.lattice import (
     ArpaNgramScorer,
     Lattice,
@@ -86,7 +86,7 @@ def _random_case(seed: int, order: int, m_max: int = 4):
         stream = noise + second[b].tolist() + noise[:4] + second[b].tolist()
         histories.append(stream[-3:])
         scorers.append(OnlineNgramScorer(VOCAB, order=order, tokens=stream))
-    return DraftBlock(logits, lengths), histories, scorers
+    return Drafts(logits, lengths), histories, scorers
 
 
 def _brute_best(lat, b, hist, scorer, lam) -> tuple[float, float, tuple]:
@@ -169,7 +169,7 @@ def test_causal_scorer_changes_the_path() -> None:
     logits = torch.full((1, 3, 10), -5.0)
     for i, (a, b) in enumerate([(7, 5), (7, 6), (7, 8)]):
         logits[0, i, a], logits[0, i, b] = 1.2, 1.0
-    block = DraftBlock(logits, [3])
+    block = Drafts(logits, [3])
     kwargs = dict(tau=0.9, m_max=3, eos_id=None, beam_width=3)
     assert select_paths(block, [[1]], lam=1.0, scorers=[lm], method="dp", **kwargs) == [[7, 7, 7]]
     for method in ("dp", "beam"):
@@ -185,7 +185,7 @@ def test_forced_eos_does_not_cut_confident_novel_drafts() -> None:
     logits[0, torch.arange(8), torch.arange(8) + 10] = 6.0
     scorer = OnlineNgramScorer(VOCAB, tokens=[3, 4, 5] * 5)
     paths = select_paths(
-        DraftBlock(logits, [8]),
+        Drafts(logits, [8]),
         [[3, 4, 5]],
         tau=0.9,
         m_max=4,
@@ -258,4 +258,4 @@ def test_select_paths_argument_errors(kwargs: dict, message: str) -> None:
         | kwargs
     )
     with pytest.raises(ValueError, match=message):
-        select_paths(DraftBlock(torch.zeros(2, 2, 8), [2, 2]), **args)
+        select_paths(Drafts(torch.zeros(2, 2, 8), [2, 2]), **args)

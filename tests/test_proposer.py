@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dlmspec_vllm.config import DlmSpeculativeConfig
-from dlmspec_vllm.drafters.base import DraftBlock, StepFeatures
+from dlmspec_vllm.drafters.base import Drafts, StepFeatures
 from dlmspec_vllm.integration.speculative_config import SETTINGS_ATTRIBUTE
 from dlmspec_vllm.proposer import DlmProposer, DrafterProfileError, StepBatch
 
@@ -31,7 +31,7 @@ class ScriptedDrafter:
     def forget(self, req_id: str) -> None:
         self.forgotten.append(req_id)
 
-    def draft(self, contexts, lengths, *, req_ids=None) -> DraftBlock:
+    def draft(self, contexts, lengths, *, req_ids=None) -> Drafts:
         if self.fail:
             raise RuntimeError("drafter exploded")
         self.calls.append(([list(c) for c in contexts], list(lengths)))
@@ -39,7 +39,7 @@ class ScriptedDrafter:
         for b, (context, length) in enumerate(zip(contexts, lengths)):
             for j in range(length):
                 logits[b, j, (context[-1] + 1 + j) % VOCAB] = 10.0
-        return DraftBlock(logits=logits, lengths=list(lengths))
+        return Drafts(logits=logits, lengths=list(lengths))
 
 
 def make_proposer(**settings) -> tuple[DlmProposer, ScriptedDrafter]:

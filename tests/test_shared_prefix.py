@@ -19,7 +19,7 @@ BLOCK = 4
 
 
 def drafter_with(parts, **options) -> DFlashDrafter:  # noqa: F811
-    return make_drafter(parts, prefix_block_tokens=BLOCK, **options)
+    return make_drafter(parts, kv_block_tokens=BLOCK, **options)
 
 
 class Requests:
@@ -143,9 +143,9 @@ def test_held_blocks_stay_and_everything_is_let_go_when_the_requests_end(parts):
 def test_settings_out_of_range_are_refused():
     with pytest.raises(ValueError, match="shared_prefix_max_tokens"):
         DraftingOptions(shared_prefix_max_tokens=-1)
-    with pytest.raises(ValueError, match="prefix_block_tokens"):
-        DraftingOptions(prefix_block_tokens=0)
-    with pytest.raises(ValueError, match="block_tokens"):
+    with pytest.raises(ValueError, match="kv_block_tokens"):
+        DraftingOptions(kv_block_tokens=0)
+    with pytest.raises(ValueError, match="kv_block_tokens"):
         SharedPrefixStore(0, 16)
 
 

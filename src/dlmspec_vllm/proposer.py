@@ -317,7 +317,7 @@ class DlmProposer:
             device=device,
             dtype=dtype,
             options=DraftingOptions(
-                **self.settings.drafting.model_dump(), prefix_block_tokens=self.kv_block_size
+                **self.settings.drafting.model_dump(), kv_block_tokens=self.kv_block_size
             ),
             target_tokenizer=self.target_tokenizer,
             target_dir=self.target_path,

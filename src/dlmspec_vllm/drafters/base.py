@@ -15,7 +15,7 @@ import torch
 
 
 @dataclass
-class DraftBlock:
+class Drafts:
     """Per-position drafter output for a batch of requests.
 
     logits: [batch, max_length, columns]; row b is meaningful for its first lengths[b]
@@ -34,14 +34,14 @@ class DraftBlock:
         default=None, init=False, repr=False, compare=False
     )
 
-    def over_vocabulary(self, vocab_size: int) -> DraftBlock:
-        """The same block with one column per target token (the lattice reads those)."""
+    def over_vocabulary(self, vocab_size: int) -> Drafts:
+        """The same drafts with one column per target token (the lattice reads those)."""
         if self.vocab_ids is None:
             return self
         batch, width, _ = self.logits.shape
         full = self.logits.new_full((batch, width, vocab_size), float("-inf"))
         full[:, :, self.vocab_ids] = self.logits
-        return DraftBlock(logits=full, lengths=self.lengths)
+        return Drafts(logits=full, lengths=self.lengths)
 
     def argmax_tokens(self) -> list[list[int]]:
         return self._top_tokens_and_confidences()[0]
@@ -87,9 +87,9 @@ class DraftingOptions:
     cache_max_tokens: most context tokens cached over all requests; the least recently used
         requests are evicted first, so memory stays bounded whatever vLLM schedules.
     shared_prefix_max_tokens: a target-conditioned drafter's context kept per full block of
-        prefix_block_tokens tokens, shared by requests with the same token prefix, so a prefix
+        kv_block_tokens tokens, shared by requests with the same token prefix, so a prefix
         vLLM serves from its prefix cache still reaches the drafter (drafters/shared_prefix.py);
-        0 shares nothing. prefix_block_tokens must divide vLLM's block size (the proposer
+        0 shares nothing. kv_block_tokens must divide vLLM's block size (the proposer
         uses vLLM's).
     """
 
@@ -98,7 +98,7 @@ class DraftingOptions:
     cache_refresh_interval: int = 8
     cache_max_tokens: int = 65536
     shared_prefix_max_tokens: int = 16384
-    prefix_block_tokens: int = 16
+    kv_block_tokens: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.denoising_steps, int) or self.denoising_steps < 1:
@@ -115,10 +115,8 @@ class DraftingOptions:
         shared = self.shared_prefix_max_tokens
         if not isinstance(shared, int) or shared < 0:
             raise ValueError(f"shared_prefix_max_tokens must be an int >= 0, got {shared!r}")
-        if not isinstance(self.prefix_block_tokens, int) or self.prefix_block_tokens < 1:
-            raise ValueError(
-                f"prefix_block_tokens must be an int >= 1, got {self.prefix_block_tokens!r}"
-            )
+        if not isinstance(self.kv_block_tokens, int) or self.kv_block_tokens < 1:
+            raise ValueError(f"kv_block_tokens must be an int >= 1, got {self.kv_block_tokens!r}")
 
     @property
     def cache_enabled(self) -> bool:
@@ -193,7 +191,7 @@ class Drafter(Protocol):
         lengths: Sequence[int],
         *,
         req_ids: Sequence[str] | None = None,
-    ) -> DraftBlock:
+    ) -> Drafts:
         """Draft lengths[b] tokens after contexts[b] for every request b, batched.
 
         With ``req_ids`` the drafter may reuse what it cached for a request on earlier calls

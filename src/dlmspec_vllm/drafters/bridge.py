@@ -9,7 +9,7 @@ drafter's vocabulary, turns the draft into text and that text into target ids:
 
 Choices, each a trade-off:
 
-- Logits. DraftBlock stays the interface, so the bridge returns logits over the *target*
+- Logits. Drafts stays the interface, so the bridge returns logits over the *target*
   vocabulary. It has no target distribution, only the mapped token and how sure the drafter
   was, so each row puts probability c on the mapped token and spreads 1 - c evenly over all
   others: ``confidences()`` then reports c, which is what length controllers read, and argmax
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dlmspec_vllm.drafters.base import DraftBlock
+from dlmspec_vllm.drafters.base import Drafts
 from dlmspec_vllm.drafters.checkpoint import DrafterLoadError
 from dlmspec_vllm.drafters.diffusion import DiffusionDrafter
 
@@ -202,7 +202,7 @@ class BridgedDrafter:
         lengths: Sequence[int],
         *,
         req_ids: Sequence[str] | None = None,
-    ) -> DraftBlock:
+    ) -> Drafts:
         """Draft at most lengths[b] target tokens after contexts[b] (target ids) per request."""
         if len(contexts) != len(lengths):
             raise ValueError(f"{len(contexts)} contexts but {len(lengths)} lengths")
@@ -227,7 +227,7 @@ class BridgedDrafter:
         for b, pairs in enumerate(mapped):
             if pairs:
                 logits[b, : len(pairs)] = _one_hot_ish(pairs, self.target_vocab_size)
-        return DraftBlock(logits=logits.to(inner.logits.device), lengths=[len(p) for p in mapped])
+        return Drafts(logits=logits.to(inner.logits.device), lengths=[len(p) for p in mapped])
 
     def to_drafter_ids(self, target_ids: Sequence[int]) -> list[int]:
         """A target-id context as the drafter's tokenizer reads its text."""

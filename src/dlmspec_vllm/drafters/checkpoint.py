@@ -11,16 +11,17 @@ differ rather than with a shape error deep inside torch.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dlmspec_vllm.drafters.transformer import DiffusionNetwork, RotaryEmbedding
+from dlmspec_vllm.drafters.transformer import CheckpointNetwork, RotaryEmbedding
 
-NetworkT = TypeVar("NetworkT", bound=DiffusionNetwork)
+NetworkT = TypeVar("NetworkT", bound=CheckpointNetwork)
 
 
 class DrafterLoadError(ValueError):
@@ -96,6 +97,26 @@ def resolve_checkpoint_dir(draft_model: str | Path) -> Path:
         ) from None
 
 
+def read_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's safetensors files (sharded or not), on ``device``."""
+    state: dict[str, torch.Tensor] = {}
+    for shard in safetensors_files(path):
+        state.update(load_file(shard, device=str(device)))
+    return state
+
+
+def read_named_tensors(path: Path, names: Collection[str]) -> dict[str, torch.Tensor]:
+    """Those of ``names`` a checkpoint has, read alone (on the CPU) from its safetensors files:
+    a drafter that shares a target's tensors reads them without the rest of the target."""
+    found: dict[str, torch.Tensor] = {}
+    for shard in safetensors_files(path):
+        with safe_open(str(shard), "pt", device="cpu") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if name in names:
+                    found[name] = handle.get_tensor(name)
+    return found
+
+
 def load_network(
     build: Callable[[], NetworkT],
     path: str | Path,
@@ -103,16 +124,22 @@ def load_network(
     family: str,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> NetworkT:
-    """``build()`` on the meta device, then ``path``'s weights assigned into it; in eval mode."""
+    """``build()`` on the meta device, then ``path``'s weights assigned into it; in eval mode.
+    state: the checkpoint's tensors, where the caller read them (read_weights) to take out
+    tensors of its own first."""
     path = Path(path)
-    state: dict[str, torch.Tensor] = {}
-    for shard in safetensors_files(path):
-        state.update(load_file(shard, device=str(device)))
+    if state is None:
+        state = read_weights(path, device)
     with torch.device("meta"):
         model = build()
     tied = model.tied_parameter_names()
-    state = {name: tensor.to(dtype) for name, tensor in state.items() if name not in tied}
+    state = {
+        name: tensor.to(device=device, dtype=dtype)
+        for name, tensor in state.items()
+        if name not in tied
+    }
     expected = set(model.state_dict()) - tied
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -135,15 +162,27 @@ def load_network(
     return model.eval()
 
 
-def save_network(model: DiffusionNetwork, path: str | Path, config_json: dict[str, Any]) -> None:
-    """Write config.json + model.safetensors the way the family's released checkpoints are."""
+def save_network(
+    model: CheckpointNetwork,
+    path: str | Path,
+    config_json: dict[str, Any] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Write config.json (``model.config.to_json_dict()`` unless given) + model.safetensors the
+    way the family's released checkpoints are: the weights in ``dtype`` (default: as they are),
+    and ``extra_tensors`` as given."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if config_json is None:
+        config_json = model.config.to_json_dict()
     (path / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     tied = model.tied_parameter_names()
     state = {
-        name: tensor.detach().contiguous()
+        name: tensor.detach().to("cpu", dtype).contiguous()
         for name, tensor in model.state_dict().items()
         if name not in tied
     }
+    state |= {name: t.detach().to("cpu").contiguous() for name, t in (extra_tensors or {}).items()}
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -33,7 +33,6 @@ replace the old ones and everything after them: those belonged to a draft the ta
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,20 +40,30 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
-from dlmspec_vllm.drafters.base import DraftBlock, DraftingOptions, StepFeatures, TargetFeatures
+from dlmspec_vllm.drafters.base import DraftingOptions, Drafts, StepFeatures, TargetFeatures
+from dlmspec_vllm.drafters.cache import TokenBudgetLRU
 from dlmspec_vllm.drafters.checkpoint import (
     DrafterLoadError,
+    load_network,
     read_config,
+    read_named_tensors,
+    read_weights,
     resolve_checkpoint_dir,
-    safetensors_files,
+    save_network,
 )
 from dlmspec_vllm.drafters.qwen2_layout import Qwen2MLP
-from dlmspec_vllm.drafters.shared_prefix import ROOT, SharedBlock, SharedPrefixStore, block_key
-from dlmspec_vllm.drafters.transformer import RMSNorm, RotaryEmbedding, apply_rope
+from dlmspec_vllm.drafters.shared_prefix import ROOT, SharedKVBlock, SharedPrefixStore, block_key
+from dlmspec_vllm.drafters.transformer import (
+    CheckpointNetwork,
+    LayerKV,
+    RMSNorm,
+    Rope,
+    RotaryEmbedding,
+    grouped_query_attention,
+    keys_values,
+)
 
 ARCHITECTURE = "DFlashDraftModel"
 DRAFT_TO_TARGET = "d2t"
@@ -133,7 +142,7 @@ class DFlashConfig:
             attention_bias=bool(raw.get("attention_bias", False)),
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_json_dict(self) -> dict[str, Any]:
         """config.json in the layout of z-lab's released drafters."""
         return {
             "architectures": [ARCHITECTURE],
@@ -165,11 +174,13 @@ class DFlashConfig:
 
 
 class DFlashAttention(nn.Module):
+    """Qwen3's attention (per-head query and key norms) over the target context's keys and
+    values, then the block's own."""
+
     def __init__(self, config: DFlashConfig) -> None:
         super().__init__()
         hidden, head_dim = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = head_dim
         bias = config.attention_bias
         self.q_proj = nn.Linear(hidden, self.num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * head_dim, bias=bias)
@@ -178,32 +189,37 @@ class DFlashAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
 
-    def keys_values(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys (normed, rotated) and values of x [batch, seq, hidden]: [batch, kv_heads, seq,
-        head_dim] each. Context features and block tokens go through the same projections."""
-        batch, seq, _ = x.shape
-        k = self.k_norm(self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        return apply_rope(k.transpose(1, 2), rope), v.transpose(1, 2)
+    def keys_values(self, x: torch.Tensor, rope: Rope) -> LayerKV:
+        """Keys and values of x [batch, seq, hidden]: [batch, kv_heads, seq, head_dim] each.
+        Context features and block tokens go through the same projections."""
+        return keys_values(
+            x,
+            self.k_proj,
+            self.v_proj,
+            num_kv_heads=self.num_kv_heads,
+            rope=rope,
+            k_norm=self.k_norm,
+        )
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        context: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
+        self, x: torch.Tensor, rope: Rope, context: LayerKV, mask: torch.Tensor
     ) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim))
-        q = apply_rope(q.transpose(1, 2), rope)
-        k, v = self.keys_values(x, rope)
-        keys, values = torch.cat((context[0], k), 2), torch.cat((context[1], v), 2)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask[:, None], enable_gqa=self.num_heads != self.num_kv_heads
+        """mask: bool [batch, queries, context + queries], True where a query may attend."""
+        out, _ = grouped_query_attention(
+            x,
+            self.q_proj,
+            self.k_proj,
+            self.v_proj,
+            self.o_proj,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            rope=rope,
+            mask=mask[:, None],
+            past=context,
+            q_norm=self.q_norm,
+            k_norm=self.k_norm,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+        return out
 
 
 class DFlashLayer(nn.Module):
@@ -220,7 +236,7 @@ class DFlashLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DFlashNetwork(nn.Module):
+class DFlashNetwork(CheckpointNetwork):
     """The drafter's own weights (no embeddings, no head), named as z-lab's checkpoints."""
 
     def __init__(self, config: DFlashConfig) -> None:
@@ -280,12 +296,14 @@ class _RequestContext:
         "chained",
     )
 
-    def __init__(self, layers: int, head: Sequence[SharedBlock] = (), chained: bool = True) -> None:
+    def __init__(
+        self, layers: int, head: Sequence[SharedKVBlock] = (), chained: bool = True
+    ) -> None:
         self.positions: list[torch.Tensor] = []  # own chunks of [n] int64
         self.keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]  # [kv_heads, n, dim]
         self.values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
         self.length = 0  # own positions (the head's are counted by the store)
-        self.head: list[SharedBlock] = list(head)
+        self.head: list[SharedKVBlock] = list(head)
         self.chain: list[int] = [block.key for block in self.head]
         self.open_tokens: list[int] = []
         self.chained = chained
@@ -349,11 +367,11 @@ class _RequestContext:
                 keys[layer][row, :, at:count] = held_keys[layer][:, :own]
                 values[layer][row, :, at:count] = held_values[layer][:, :own]
 
-    def keep(self, count: int, *, last: bool = False) -> list[SharedBlock]:
+    def keep(self, count: int, *, last: bool = False) -> list[SharedKVBlock]:
         """Keep the first (or, with last, the most recent) count positions, and no longer share
         what is cut; returns the head blocks let go. Cutting into the head lets go of whole
         blocks (the first of the most recent may keep fewer than count)."""
-        dropped: list[SharedBlock] = []
+        dropped: list[SharedKVBlock] = []
         head = self.head_length
         if last:
             if head + self.length > count:
@@ -419,11 +437,16 @@ class DFlashDrafter:
             self.head_weight = (
                 head_weight if head_is_draft_sized else head_weight[self.draft_ids].contiguous()
             )
-        self._contexts: OrderedDict[str, _RequestContext] = OrderedDict()
-        self._cached_tokens = 0
+        # Each request's own positions count against cache_max_tokens; its head of shared
+        # blocks is the store's, let go when the request's context leaves.
+        self._contexts: TokenBudgetLRU[_RequestContext] = TokenBudgetLRU(
+            self.options.cache_max_tokens,
+            lambda entry: entry.length,
+            lambda entry: self._release(entry.head),
+        )
         shared = self.options.shared_prefix_max_tokens
         self.shared_prefixes = (
-            SharedPrefixStore(self.options.prefix_block_tokens, shared)
+            SharedPrefixStore(self.options.kv_block_tokens, shared)
             if self.options.cache_enabled and shared > 0
             else None
         )
@@ -455,9 +478,7 @@ class DFlashDrafter:
                 f"DFlash draft_model {path} shares the target's embeddings and LM head: "
                 "the target's checkpoint directory is needed to load it"
             )
-        state: dict[str, torch.Tensor] = {}
-        for shard in safetensors_files(path):
-            state.update(load_file(shard))
+        state = read_weights(path)
         draft_to_target = state.pop(DRAFT_TO_TARGET, None)
         draft_head = state.pop(DRAFT_HEAD, None)
         if draft_head is not None:
@@ -468,15 +489,14 @@ class DFlashDrafter:
                     f"not [{rows}, {config.hidden_size}] (one row per draft token): the "
                     "checkpoint is damaged or was written for another draft vocabulary"
                 )
-        network = DFlashNetwork(config)
-        missing, unexpected = network.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise DrafterLoadError(
-                f"DFlash weights in {path} do not match its config.json: missing "
-                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-            )
-        network.to(device=device, dtype=dtype)
-        network.rotary.reset(device)
+        network = load_network(
+            lambda: DFlashNetwork(config),
+            path,
+            family="DFlash",
+            device=device,
+            dtype=dtype,
+            state=state,
+        )
         embed, head = target_embedding_and_head(resolve_checkpoint_dir(target_dir))
         if embed.shape[1] != config.hidden_size:
             raise DrafterLoadError(
@@ -507,13 +527,13 @@ class DFlashDrafter:
     def num_cached_requests(self) -> int:
         """Requests whose context is held, once every pending step is taken in."""
         self._project(list(self._pending))
-        return len(self._contexts)
+        return self._contexts.num_requests
 
     @property
     def cached_tokens(self) -> int:
         """Context positions held, once every pending step is taken in."""
         self._project(list(self._pending))
-        return self._cached_tokens
+        return self._contexts.num_tokens
 
     def observe(self, req_id: str, features: TargetFeatures) -> None:
         """observe_step for one request."""
@@ -561,11 +581,11 @@ class DFlashDrafter:
         entry = _RequestContext(
             self.config.num_hidden_layers,
             head,
-            chained=len(head) * store.block_tokens == first,
+            chained=len(head) * store.kv_block_tokens == first,
         )
-        self._contexts[req_id] = entry
+        self._contexts.put(req_id, entry)
 
-    def _release(self, blocks: Sequence[SharedBlock]) -> None:
+    def _release(self, blocks: Sequence[SharedKVBlock]) -> None:
         if self.shared_prefixes is not None and blocks:
             self.shared_prefixes.release(blocks)
 
@@ -574,11 +594,11 @@ class DFlashDrafter:
         shared store, keyed by its whole token prefix."""
         store = self.shared_prefixes
         assert store is not None
-        size = store.block_tokens
+        size = store.kv_block_tokens
         entry.open_tokens.extend(tokens)
         while len(entry.open_tokens) >= size:
-            block_tokens = entry.open_tokens[:size]
-            key = block_key(entry.chain[-1] if entry.chain else ROOT, block_tokens)
+            tokens_of_block = entry.open_tokens[:size]
+            key = block_key(entry.chain[-1] if entry.chain else ROOT, tokens_of_block)
             start = len(entry.chain) * size
             if key not in store:
                 _, own_keys, own_values = entry.joined()
@@ -596,7 +616,7 @@ class DFlashDrafter:
         """The context was cut back to positions before `first`: so is its chain of blocks."""
         if self.shared_prefixes is None:
             return
-        size = self.shared_prefixes.block_tokens
+        size = self.shared_prefixes.kv_block_tokens
         full = first // size
         if full < len(entry.chain):
             del entry.chain[full:]
@@ -659,11 +679,10 @@ class DFlashDrafter:
         """Rows start:end of a projection (increasing positions, their tokens if known) join
         req_id's context."""
         first, last = int(positions[0]), int(positions[-1])
-        entry = self._contexts.pop(req_id, None)
+        entry = self._contexts.take(req_id)
         if entry is None:
             entry = _RequestContext(self.config.num_hidden_layers, chained=first == 0)
         else:
-            self._cached_tokens -= entry.length
             if first <= entry.last:
                 self._release(entry.keep(entry.held_before(first)))
                 self._rewind_chain(entry, first)
@@ -680,19 +699,11 @@ class DFlashDrafter:
         if entry.length > limit:
             # Only the most recent context fits the budget: attend to that window.
             self._release(entry.keep(limit, last=True))
-        while self._cached_tokens + entry.length > limit and self._contexts:
-            _, evicted = self._contexts.popitem(last=False)
-            self._cached_tokens -= evicted.length
-            self._release(evicted.head)
-        self._contexts[req_id] = entry
-        self._cached_tokens += entry.length
+        self._contexts.put(req_id, entry)
 
     def forget(self, req_id: str) -> None:
         self._pending.pop(req_id, None)
-        entry = self._contexts.pop(req_id, None)
-        if entry is not None:
-            self._cached_tokens -= entry.length
-            self._release(entry.head)
+        self._contexts.forget(req_id)
 
     @torch.inference_mode()
     def draft(
@@ -701,7 +712,7 @@ class DFlashDrafter:
         lengths: Sequence[int],
         *,
         req_ids: Sequence[str] | None = None,
-    ) -> DraftBlock:
+    ) -> Drafts:
         """A block per request: it begins at the first position the target has no features for
         (the token vLLM just sampled, then any tokens drafted since) and its masks fill the rest
         of ``block_size``. A request that asks for more than the block holds gets further
@@ -731,14 +742,14 @@ class DFlashDrafter:
         for row, i in enumerate(more):
             done, extra = first.lengths[i], rest.lengths[row]
             logits[i, done : done + extra] = rest.logits[row, :extra]
-        return DraftBlock(logits=logits, lengths=lengths_out, vocab_ids=self.draft_ids)
+        return Drafts(logits=logits, lengths=lengths_out, vocab_ids=self.draft_ids)
 
     def _draft_one_pass(
         self,
         contexts: Sequence[Sequence[int]],
         lengths: Sequence[int],
         req_ids: Sequence[str] | None,
-    ) -> DraftBlock:
+    ) -> Drafts:
         if req_ids is None:
             raise ValueError(
                 "a DFlash drafter drafts from the target's hidden states, which arrive per "
@@ -748,8 +759,6 @@ class DFlashDrafter:
         rows = []
         for context, length, req_id in zip(contexts, lengths, req_ids):
             entry = self._contexts.get(req_id)
-            if entry is not None:
-                self._contexts.move_to_end(req_id)
             known_until = len(context) - 1
             if entry is None:
                 start = known_until  # no features: the block starts at the last token alone
@@ -774,7 +783,7 @@ class DFlashDrafter:
         )
         active = [i for i, n in enumerate(drafted) if n > 0]
         if not active:
-            return DraftBlock(logits=logits, lengths=drafted, vocab_ids=self.draft_ids)
+            return Drafts(logits=logits, lengths=drafted, vocab_ids=self.draft_ids)
         hidden = self._block_hidden([rows[i] for i in active])
         # Every drafted position of the batch through the head in one product.
         head_in = torch.cat(
@@ -788,7 +797,7 @@ class DFlashDrafter:
         for i in active:
             logits[i, : drafted[i]] = scores[done : done + drafted[i]]
             done += drafted[i]
-        return DraftBlock(logits=logits, lengths=drafted, vocab_ids=self.draft_ids)
+        return Drafts(logits=logits, lengths=drafted, vocab_ids=self.draft_ids)
 
     def _block_hidden(self, rows: list[tuple]) -> torch.Tensor:
         """Hidden states of every row's block [rows, block_size, hidden], batched with the
@@ -820,16 +829,11 @@ def target_embedding_and_head(target_dir: Path) -> tuple[torch.Tensor, torch.Ten
     """The target checkpoint's input embedding and LM head (the same tensor when tied), read
     alone from its safetensors files."""
     wanted = {"model.embed_tokens.weight": "embed", "lm_head.weight": "head"}
-    found: dict[str, torch.Tensor] = {}
     try:
-        files = safetensors_files(target_dir)
+        read = read_named_tensors(target_dir, wanted)
     except DrafterLoadError as err:
         raise DrafterLoadError(f"target checkpoint for the DFlash drafter: {err}") from None
-    for shard in files:
-        with safe_open(str(shard), "pt", device="cpu") as handle:
-            for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                if name in wanted:
-                    found[wanted[name]] = handle.get_tensor(name)
+    found = {wanted[name]: tensor for name, tensor in read.items()}
     if "embed" not in found:
         raise DrafterLoadError(
             f"target checkpoint {target_dir} has no model.embed_tokens.weight for the DFlash "
@@ -854,24 +858,17 @@ def save_dflash_network(
     (``draft_to_target`` offsets and ``draft_head``, the target head's rows at the draft ids)
     also ``d2t``, the draft-sized ``lm_head`` and ``draft_vocab_size``, which vLLM's own
     ``dflash`` method needs to load it."""
-    from safetensors.torch import save_file
-
     if (draft_to_target is None) != (draft_head is None):
         raise ValueError("a draft vocabulary needs both draft_to_target and draft_head")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {
-        name: t.detach().to("cpu", dtype).contiguous() for name, t in network.state_dict().items()
-    }
-    config = network.config.to_dict()
+    config = network.config.to_json_dict()
+    vocabulary: dict[str, torch.Tensor] = {}
     if draft_to_target is not None and draft_head is not None:
         if tuple(draft_head.shape) != (len(draft_to_target), network.config.hidden_size):
             raise ValueError(
                 f"draft_head is {list(draft_head.shape)}, not one row of "
                 f"{network.config.hidden_size} per draft token ({len(draft_to_target)})"
             )
-        state[DRAFT_TO_TARGET] = draft_to_target.to("cpu", torch.long).contiguous()
-        state[DRAFT_HEAD] = draft_head.detach().to("cpu", dtype).contiguous()
+        vocabulary[DRAFT_TO_TARGET] = draft_to_target.long()
+        vocabulary[DRAFT_HEAD] = draft_head.to(dtype)
         config["draft_vocab_size"] = len(draft_to_target)
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_network(network, path, config, dtype=dtype, extra_tensors=vocabulary)

@@ -15,7 +15,7 @@ three facts only, which subclasses set:
   masks may be unmasked in a pass (Fast-dLLM v2 decodes its 8-token sub-blocks in order).
 
 Denoising (DraftingOptions): each pass fixes some masked positions to their argmax, and the
-returned logits of a position are those of the pass that fixed it, so DraftBlock's confidences
+returned logits of a position are those of the pass that fixed it, so Drafts's confidences
 are what the drafter believed when it committed.
 
 Prefix cache (DraftingOptions, with ``req_ids``): a request's context keys/values are kept
@@ -30,18 +30,28 @@ caching is on otherwise), so they compute little more than the drafted block.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol, Self
 
 import torch
 
-from dlmspec_vllm.drafters.base import DraftBlock, DraftingOptions
+from dlmspec_vllm.drafters.base import DraftingOptions, Drafts
 from dlmspec_vllm.drafters.cache import CachedPrefix, PrefixKVCache, common_prefix_length
+from dlmspec_vllm.drafters.checkpoint import load_network, read_config
 from dlmspec_vllm.drafters.transformer import DiffusionNetwork, LayerKV
 
 NEG_INF = float("-inf")
+
+
+class NetworkConfig(Protocol):
+    """An architecture's config: read from a checkpoint's config.json, and written back."""
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Self: ...
+
+    def to_json_dict(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -74,6 +84,11 @@ class DiffusionDrafter:
     shifted_logits: ClassVar[bool] = True
     block_size: int | None = None
     sub_block_size: int | None = None
+    # What an architecture file declares besides the facts above: its name in messages, its
+    # config, and the network built from that config (loading and saving are checkpoint.py's).
+    family: ClassVar[str]
+    config_type: ClassVar[type[NetworkConfig]]
+    network_type: ClassVar[type[DiffusionNetwork]]
 
     def __init__(
         self,
@@ -98,7 +113,10 @@ class DiffusionDrafter:
         cls, path: str | Path, *, device: torch.device | str, dtype: torch.dtype
     ) -> DiffusionNetwork:
         """The family's network read from a checkpoint directory."""
-        raise NotImplementedError
+        config = cls.config_type.from_dict(read_config(Path(path)))
+        return load_network(
+            lambda: cls.network_type(config), path, family=cls.family, device=device, dtype=dtype
+        )
 
     @classmethod
     def from_pretrained(
@@ -139,7 +157,7 @@ class DiffusionDrafter:
         lengths: Sequence[int],
         *,
         req_ids: Sequence[str] | None = None,
-    ) -> DraftBlock:
+    ) -> Drafts:
         """Draft lengths[b] tokens after contexts[b] for every request b.
 
         Requests with length 0 are left out of the forward passes. A context longer than
@@ -175,7 +193,7 @@ class DiffusionDrafter:
                 self._store(live, present)
             if advancing:
                 self._advance(live, present)
-        return DraftBlock(logits=out, lengths=lengths)
+        return Drafts(logits=out, lengths=lengths)
 
     def _caches(self, row: _Row) -> bool:
         return row.req_id is not None and self.options.cache_enabled

@@ -17,12 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from dlmspec_vllm.drafters.checkpoint import load_network, read_config, save_network
 from dlmspec_vllm.drafters.diffusion import DiffusionDrafter
 from dlmspec_vllm.drafters.qwen2_layout import Qwen2LayoutConfig, Qwen2LayoutModel
 
@@ -68,21 +64,6 @@ class DreamModel(Qwen2LayoutModel):
     config: DreamConfig
 
 
-def load_dream_model(
-    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> DreamModel:
-    """Build the network from config.json and load its safetensors weights (sharded or not)."""
-    config = DreamConfig.from_dict(read_config(Path(path)))
-    return load_network(
-        lambda: DreamModel(config), path, family="Dream", device=device, dtype=dtype
-    )
-
-
-def save_dream_model(model: DreamModel, path: str | Path) -> None:
-    """Write config.json + model.safetensors the way a released Dream checkpoint is laid out."""
-    save_network(model, path, model.config.to_json_dict())
-
-
 class DreamDrafter(DiffusionDrafter):
     """Drafts with Dream: bidirectional attention, shifted logits, approximate prefix cache.
 
@@ -90,9 +71,6 @@ class DreamDrafter(DiffusionDrafter):
     """
 
     model: DreamModel
-
-    @classmethod
-    def load_network(
-        cls, path: str | Path, *, device: torch.device | str, dtype: torch.dtype
-    ) -> DreamModel:
-        return load_dream_model(path, device=device, dtype=dtype)
+    family = "Dream"
+    config_type = DreamConfig
+    network_type = DreamModel

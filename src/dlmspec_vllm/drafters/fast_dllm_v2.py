@@ -19,18 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
-
 from dlmspec_vllm.drafters.base import DraftingOptions
-from dlmspec_vllm.drafters.checkpoint import (
-    DrafterLoadError,
-    load_network,
-    read_config,
-    save_network,
-)
+from dlmspec_vllm.drafters.checkpoint import DrafterLoadError
 from dlmspec_vllm.drafters.diffusion import DiffusionDrafter
 from dlmspec_vllm.drafters.qwen2_layout import Qwen2LayoutConfig, Qwen2LayoutModel
 
@@ -81,28 +73,14 @@ class FastDllmV2Config(Qwen2LayoutConfig):
         }
 
 
-def load_fast_dllm_v2_model(
-    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> Qwen2LayoutModel:
-    """Build the network from config.json and load its safetensors weights (sharded or not)."""
-    config = FastDllmV2Config.from_dict(read_config(Path(path)))
-    return load_network(
-        lambda: Qwen2LayoutModel(config), path, family="Fast-dLLM v2", device=device, dtype=dtype
-    )
-
-
-def save_fast_dllm_v2_model(model: Qwen2LayoutModel, path: str | Path) -> None:
-    """Write config.json + model.safetensors the way a released Fast-dLLM v2 checkpoint is."""
-    if not isinstance(model.config, FastDllmV2Config):
-        raise TypeError("save_fast_dllm_v2_model needs a model built from a FastDllmV2Config")
-    save_network(model, path, model.config.to_json_dict())
-
-
 class FastDllmV2Drafter(DiffusionDrafter):
     """Drafts with Fast-dLLM v2: block-causal attention, shifted logits, sub-blocks of 8
     unmasked in order, exact prefix cache of finished blocks."""
 
     sub_block_size = FAST_DLLM_SUB_BLOCK_SIZE
+    family = "Fast-dLLM v2"
+    config_type = FastDllmV2Config
+    network_type = Qwen2LayoutModel
 
     def __init__(
         self,
@@ -115,9 +93,3 @@ class FastDllmV2Drafter(DiffusionDrafter):
             raise TypeError("FastDllmV2Drafter needs a network built from a FastDllmV2Config")
         super().__init__(model, target_vocab_size=target_vocab_size, options=options)
         self.block_size = model.config.bd_size
-
-    @classmethod
-    def load_network(
-        cls, path: str | Path, *, device: torch.device | str, dtype: torch.dtype
-    ) -> Qwen2LayoutModel:
-        return load_fast_dllm_v2_model(path, device=device, dtype=dtype)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -35,9 +34,6 @@ from torch import nn
 
 from dlmspec_vllm.drafters.checkpoint import (
     DrafterLoadError,
-    load_network,
-    read_config,
-    save_network,
 )
 from dlmspec_vllm.drafters.diffusion import DiffusionDrafter
 from dlmspec_vllm.drafters.transformer import (
@@ -157,8 +153,9 @@ class LLaDAConfig:
         }
 
 
-class LLaDALlamaBlock(nn.Module):
-    """One decoder layer; attention and MLP projections sit directly on the block, as stored."""
+class LLaDALayer(nn.Module):
+    """One decoder layer (a "block" in LLaDA's checkpoints); attention and MLP projections sit
+    directly on it, as stored."""
 
     def __init__(self, config: LLaDAConfig) -> None:
         super().__init__()
@@ -201,7 +198,7 @@ class LLaDABackbone(nn.Module):
         super().__init__()
         modules: dict[str, nn.Module] = {
             "wte": nn.Embedding(config.embedding_size, config.d_model),
-            "blocks": nn.ModuleList(LLaDALlamaBlock(config) for _ in range(config.n_layers)),
+            "blocks": nn.ModuleList(LLaDALayer(config) for _ in range(config.n_layers)),
             "ln_f": RMSNorm(config.d_model, config.rms_norm_eps),
         }
         if not config.weight_tying:
@@ -263,30 +260,12 @@ class LLaDAModel(DiffusionNetwork):
         return self.head(self.decode(input_ids, positions=positions, mask=None, past=None)[0])
 
 
-def load_llada_model(
-    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> LLaDAModel:
-    """Build the network from config.json and load its safetensors weights (sharded or not)."""
-    config = LLaDAConfig.from_dict(read_config(Path(path)))
-    return load_network(
-        lambda: LLaDAModel(config), path, family="LLaDA", device=device, dtype=dtype
-    )
-
-
-def save_llada_model(model: LLaDAModel, path: str | Path) -> None:
-    """Write config.json + model.safetensors the way a released LLaDA checkpoint is laid out."""
-    save_network(model, path, model.config.to_json_dict())
-
-
 class LLaDADrafter(DiffusionDrafter):
     """Drafts with LLaDA: bidirectional attention, unshifted logits (drafted position j is read
     at index ``len(context) + j``), approximate prefix cache."""
 
     shifted_logits = False
     model: LLaDAModel
-
-    @classmethod
-    def load_network(
-        cls, path: str | Path, *, device: torch.device | str, dtype: torch.dtype
-    ) -> LLaDAModel:
-        return load_llada_model(path, device=device, dtype=dtype)
+    family = "LLaDA"
+    config_type = LLaDAConfig
+    network_type = LLaDAModel

@@ -1,10 +1,11 @@
-"""A drafter's context keys/values per full block of tokens, shared between requests.
+"""A drafter's context keys/values per full KV-cache block of tokens, shared between requests.
 
 vLLM's prefix cache serves a prompt prefix another request already computed (a shared system
 prompt, the earlier turns of a chat) without running the target over it again, so the target's
 hidden states for that prefix never reach a drafter that reads them. This store keeps what such
-a drafter derived from them, its context keys and values, per full block of `block_tokens`
-tokens, keyed the way vLLM keys its own blocks: by the content of the whole token prefix up to
+a drafter derived from them, its context keys and values, per full block of `kv_block_tokens`
+tokens (vLLM's KV-cache blocks; "block" means nothing else in this module), keyed the way vLLM
+keys its own blocks: by the content of the whole token prefix up to
 the block's end (a chain of hashes, each block's over its parent's and its own tokens). A
 request whose first features start after a prefix vLLM had cached takes that prefix's blocks
 from here as the head of its context. Blocks are shared, not copied, and immutable; a block is
@@ -12,8 +13,8 @@ evicted, least recently used first, only when no request holds it and the token 
 room. A prefix the store lacks in part (a block evicted while vLLM kept its own) is a miss: the
 request drafts from the context it has, and the miss is counted.
 
-`block_tokens` must divide vLLM's block size, so every prefix vLLM serves from its cache ends on
-one of our block boundaries.
+`kv_block_tokens` must divide vLLM's block size, so every prefix vLLM serves from its cache
+ends on one of our block boundaries.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def block_key(parent: int, tokens: Sequence[int]) -> int:
 
 
 @dataclass(eq=False)
-class SharedBlock:
+class SharedKVBlock:
     """Keys and values of one block's positions, per drafter layer: [kv_heads, block, dim]."""
 
     key: int
@@ -66,19 +67,19 @@ class SharedPrefixStats:
 
 
 class SharedPrefixStore:
-    """key -> SharedBlock, at most `max_tokens` positions in all."""
+    """key -> SharedKVBlock, at most `max_tokens` positions in all."""
 
-    def __init__(self, block_tokens: int, max_tokens: int) -> None:
-        if block_tokens < 1:
-            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
-        self.block_tokens = block_tokens
+    def __init__(self, kv_block_tokens: int, max_tokens: int) -> None:
+        if kv_block_tokens < 1:
+            raise ValueError(f"kv_block_tokens must be >= 1, got {kv_block_tokens}")
+        self.kv_block_tokens = kv_block_tokens
         self.max_tokens = max_tokens
-        self._blocks: OrderedDict[int, SharedBlock] = OrderedDict()
+        self._blocks: OrderedDict[int, SharedKVBlock] = OrderedDict()
         self.stats = SharedPrefixStats()
 
     @property
     def num_tokens(self) -> int:
-        return len(self._blocks) * self.block_tokens
+        return len(self._blocks) * self.kv_block_tokens
 
     @property
     def num_held(self) -> int:
@@ -88,12 +89,12 @@ class SharedPrefixStore:
     def __contains__(self, key: int) -> bool:
         return key in self._blocks
 
-    def take(self, tokens: Sequence[int], wanted: int) -> list[SharedBlock]:
+    def take(self, tokens: Sequence[int], wanted: int) -> list[SharedKVBlock]:
         """The blocks of the longest stored prefix of `tokens`, up to `wanted` positions (the
         prefix vLLM served from its cache), each now held once more; counts a miss when they
         cover less than `wanted`."""
-        size = self.block_tokens
-        taken: list[SharedBlock] = []
+        size = self.kv_block_tokens
+        taken: list[SharedKVBlock] = []
         parent = ROOT
         for start in range(0, wanted - wanted % size, size):
             key = block_key(parent, tokens[start : start + size])
@@ -111,7 +112,7 @@ class SharedPrefixStore:
             self.stats.missed_tokens += wanted - covered
         return taken
 
-    def release(self, blocks: Sequence[SharedBlock]) -> None:
+    def release(self, blocks: Sequence[SharedKVBlock]) -> None:
         for block in blocks:
             block.holders -= 1
 
@@ -123,16 +124,16 @@ class SharedPrefixStore:
         if key in self._blocks:
             self._blocks.move_to_end(key)
             return
-        if self.num_tokens + self.block_tokens > self.max_tokens:
+        if self.num_tokens + self.kv_block_tokens > self.max_tokens:
             for old_key in [k for k, b in self._blocks.items() if not b.holders]:
                 del self._blocks[old_key]
                 self.stats.evicted_blocks += 1
-                if self.num_tokens + self.block_tokens <= self.max_tokens:
+                if self.num_tokens + self.kv_block_tokens <= self.max_tokens:
                     break
-        if self.num_tokens + self.block_tokens > self.max_tokens:
+        if self.num_tokens + self.kv_block_tokens > self.max_tokens:
             self.stats.full_store_skips += 1
             return
-        self._blocks[key] = SharedBlock(
+        self._blocks[key] = SharedKVBlock(
             key, start, [k.clone() for k in keys], [v.clone() for v in values]
         )
         self.stats.registered_blocks += 1

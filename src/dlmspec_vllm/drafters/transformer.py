@@ -1,20 +1,23 @@
 """The arithmetic every drafter network shares: RMSNorm, RoPE, attention, SwiGLU, the layer loop.
 
-Dream and Fast-dLLM v2 (Qwen2's tensor names) and LLaDA (OLMo-style names) are the same kind of
-transformer: pre-norm decoder layers with RMSNorm, rotary positions, grouped-query attention and
-a SwiGLU MLP. Each architecture file keeps its own module tree, named as its checkpoint's tensors
-so loading is a plain state-dict load, and calls the functions here for the math, so a fix to the
-attention or the cache handling is made once for every drafter.
+Dream and Fast-dLLM v2 (Qwen2's tensor names), LLaDA (OLMo-style names) and DFlash (Qwen3's,
+with per-head query and key norms) are the same kind of transformer: pre-norm decoder layers
+with RMSNorm, rotary positions, grouped-query attention and a SwiGLU MLP. Each architecture file
+keeps its own module tree, named as its checkpoint's tensors so loading is a plain state-dict
+load, and calls the functions here for the math, so a fix to the attention or the cache handling
+is made once for every drafter.
 
 Attention here is never causal by itself: the caller passes the mask (none, a key mask for
-right padding, or Fast-dLLM v2's block-causal pattern) and, for a cached prefix, the prefix's
-keys and values, which every query may attend to as the mask allows.
+right padding, or Fast-dLLM v2's block-causal pattern) and, for a cached prefix (or DFlash's
+target context), the prefix's keys and values, which every query may attend to as the mask
+allows.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +81,29 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
+def _heads(x: torch.Tensor, proj: nn.Linear, heads: int, norm: nn.Module | None) -> torch.Tensor:
+    """proj(x) [batch, seq, heads * head_dim] as [batch, heads, seq, head_dim], each head normed
+    first where the architecture norms it (Qwen3's q_norm and k_norm)."""
+    batch, seq, _ = x.shape
+    out = proj(x).view(batch, seq, heads, proj.out_features // heads)
+    return (out if norm is None else norm(out)).transpose(1, 2)
+
+
+def keys_values(
+    x: torch.Tensor,
+    k_proj: nn.Linear,
+    v_proj: nn.Linear,
+    *,
+    num_kv_heads: int,
+    rope: Rope,
+    k_norm: nn.Module | None = None,
+) -> LayerKV:
+    """x's keys (normed where the architecture does, after RoPE) and values: [batch, kv_heads,
+    seq, head_dim] each, as attention computes them and a prefix cache stores them."""
+    k = apply_rope(_heads(x, k_proj, num_kv_heads, k_norm), rope)
+    return k, _heads(x, v_proj, num_kv_heads, None)
+
+
 def grouped_query_attention(
     x: torch.Tensor,
     q_proj: nn.Linear,
@@ -90,18 +116,19 @@ def grouped_query_attention(
     rope: Rope,
     mask: torch.Tensor | None,
     past: LayerKV | None,
+    q_norm: nn.Module | None = None,
+    k_norm: nn.Module | None = None,
 ) -> tuple[torch.Tensor, LayerKV]:
     """Attention of x's tokens over [past keys, x's own keys]; returns the output and x's keys and
     values (after RoPE), which is what a prefix cache stores.
 
     mask: bool [batch, 1, queries or 1, keys], True where a query may attend; None = everywhere.
+    q_norm, k_norm: per-head norms of queries and keys before RoPE, where the architecture has
+    them.
     """
     batch, seq, _ = x.shape
-    head_dim = q_proj.out_features // num_heads
-    q = q_proj(x).view(batch, seq, num_heads, head_dim).transpose(1, 2)
-    k = k_proj(x).view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_proj(x).view(batch, seq, num_kv_heads, head_dim).transpose(1, 2)
-    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    q = apply_rope(_heads(x, q_proj, num_heads, q_norm), rope)
+    k, v = keys_values(x, k_proj, v_proj, num_kv_heads=num_kv_heads, rope=rope, k_norm=k_norm)
     keys, values = (k, v)
     if past is not None:
         keys, values = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
@@ -142,7 +169,22 @@ def run_layers(
     return x, present
 
 
-class DiffusionNetwork(nn.Module, ABC):
+class CheckpointNetwork(nn.Module):
+    """A network whose module tree is named as its checkpoint's tensors, built from a config
+    that writes its config.json (``config.to_json_dict()``): what checkpoint.py loads and
+    saves."""
+
+    config: Any
+
+    def tied_parameter_names(self) -> set[str]:
+        """State-dict names that alias another tensor and are absent from the checkpoint."""
+        return set()
+
+    def tie_weights(self) -> None:
+        """Re-point aliased parameters after a state-dict load replaced their targets."""
+
+
+class DiffusionNetwork(CheckpointNetwork, ABC):
     """What the drafting loop needs of a network, whatever its checkpoint's tensor names."""
 
     mask_token_id: int
@@ -165,10 +207,3 @@ class DiffusionNetwork(nn.Module, ABC):
     @abstractmethod
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of hidden states (all of the head's rows, padding included)."""
-
-    def tied_parameter_names(self) -> set[str]:
-        """State-dict names that alias another tensor and are absent from the checkpoint."""
-        return set()
-
-    def tie_weights(self) -> None:
-        """Re-point aliased parameters after a state-dict load replaced their targets."""

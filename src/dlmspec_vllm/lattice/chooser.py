@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from dlmspec_vllm.config import LatticeSettings
-from dlmspec_vllm.drafters.base import DraftBlock
+from dlmspec_vllm.drafters.base import Drafts
 from dlmspec_vllm.lattice.scorers import ArpaNgramScorer, CausalScorer, OnlineNgramScorer
 from dlmspec_vllm.lattice.search import select_paths
 
@@ -34,7 +34,7 @@ class PathChooser:
         self._online.pop(req_id, None)
 
     def choose(
-        self, block: DraftBlock, histories: Sequence[list[int]], req_ids: Sequence[str]
+        self, block: Drafts, histories: Sequence[list[int]], req_ids: Sequence[str]
     ) -> list[list[int]]:
         """One draft per request: at most lengths[b] tokens, ending at its first EOS if any."""
         settings = self.settings

@@ -44,7 +44,7 @@ from dlmspec_vllm.lattice.scorers import CausalScorer
 from dlmspec_vllm.lattice.types import Lattice
 
 if TYPE_CHECKING:
-    from dlmspec_vllm.drafters.base import DraftBlock
+    from dlmspec_vllm.drafters.base import Drafts
 
 MAX_DP_TRANSITIONS = 4096
 """Largest W^n (padded width to the power of the order) that the exact search accepts: per
@@ -323,7 +323,7 @@ def _rank(item: tuple[float, tuple[int, ...]]) -> tuple[float, tuple[int, ...]]:
     return -item[0], item[1]
 
 
-def _argmax_paths(block: DraftBlock, eos_id: int | None) -> list[list[int]]:
+def _argmax_paths(block: Drafts, eos_id: int | None) -> list[list[int]]:
     paths = block.argmax_tokens()
     if eos_id is None:
         return paths
@@ -331,7 +331,7 @@ def _argmax_paths(block: DraftBlock, eos_id: int | None) -> list[list[int]]:
 
 
 def select_paths(
-    block: DraftBlock,
+    block: Drafts,
     histories: Sequence[Sequence[int]],
     *,
     tau: float,

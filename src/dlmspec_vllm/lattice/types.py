@@ -21,7 +21,7 @@ class Lattice:
     log_probs: [B, K, M] float32; natural log of the drafter's full-softmax probability of
         that candidate (not renormalised over the kept set), -inf in unused slots.
     num_candidates: [B, K] int32; 0 at positions >= lengths[b].
-    lengths: [B] int64; drafted positions per request (copied from the DraftBlock).
+    lengths: [B] int64; drafted positions per request (copied from the Drafts).
     """
 
     token_ids: torch.Tensor

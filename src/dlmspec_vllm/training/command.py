@@ -45,8 +45,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from dlmspec_vllm.drafters.checkpoint import save_network
 from dlmspec_vllm.drafters.dflash import default_target_layer_ids, save_dflash_network
-from dlmspec_vllm.drafters.dream import DreamModel, save_dream_model
+from dlmspec_vllm.drafters.dream import DreamModel
 from dlmspec_vllm.targets import copy_tokenizer_files, weights_sha256
 from dlmspec_vllm.training.answers import (
     VALIDATION_EVERY,
@@ -350,7 +351,7 @@ def _build_dream(args, tokenizer, target, fingerprint, mask_id, device) -> _Run:
         model=drafter,
         sampler=sampler,
         loss_of=loss_of,
-        save=lambda output: save_dream_model(drafter, output),
+        save=lambda output: save_network(drafter, output),
         data_recipe=data_recipe,
         objective="masked diffusion on the last block_size tokens of each window, Dream's "
         "shifted logits, noise level t ~ U(0,1], mean cross-entropy over masked tokens"
