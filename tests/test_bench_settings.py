@@ -3,8 +3,12 @@ so the same benchmark runs with CUDA graphs and bfloat16 on a GPU."""
 
 from __future__ import annotations
 
+import ast
 import sys
+import sysconfig
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -69,3 +73,86 @@ def test_the_quote_set_is_ours_and_disjoint_from_the_training_corpus():
     quoted = {p.text.split("\n\n", 1)[1] for p in quote_prompts()}
     assert len(quoted) == 40
     assert not quoted & set(docstring_paragraphs(stdlib_documents()))
+
+
+def test_with_prefix_caching_each_batch_size_serves_prompts_of_its_own():
+    records = [{"set": "s", "prompt": str(i)} for i in range(40)]
+    rounds = run_bench.requests_per_round(records, [4, 16], 8, 2, waves=1, distinct=True)
+    served = [r["prompt"] for per_round in rounds for size in (4, 16) for r in per_round[size]]
+    assert len(served) == len(set(served)) == 2 * 4 + 2 * 16
+    shared = run_bench.requests_per_round(records, [4, 16], 8, 2, waves=1)
+    assert shared[0][4][0] == shared[0][16][0]  # without it both start at the front
+    with pytest.raises(SystemExit, match="prompts of its own"):
+        run_bench.requests_per_round(records[:30], [4, 16], 8, 2, waves=1, distinct=True)
+
+
+def test_prefix_caching_variants_turn_the_cache_or_the_shared_prefixes_off(tmp_path):
+    configs = run_bench.all_configs(tmp_path / "target", tmp_path / "drafter", tmp_path / "ar")
+    variants = run_bench.prefix_cache_variants(configs)
+    assert variants["none-no-prefix-cache"] is None
+    assert variants["dlm-k4-no-prefix-cache"] == configs["dlm-k4"]
+    assert variants["dlm-k4-unshared"]["drafting"] == {"shared_prefix_max_tokens": 0}
+    assert "ngram-k4-unshared" not in variants
+    args = run_bench.parse_args(
+        ["--target", "T", "--name", "n", "--batch-sizes", "1", "--prefix-caching"]
+    )
+    prompts = {1: ["a prompt"]}
+    on, _ = run_bench.engine_setup("dlm-k4", configs["dlm-k4"], prompts, args)
+    off, _ = run_bench.engine_setup("dlm-k4-no-prefix-cache", configs["dlm-k4"], prompts, args)
+    assert on.engine_kwargs["enable_prefix_caching"] is True
+    assert off.engine_kwargs["enable_prefix_caching"] is False
+    assert engine_of()["enable_prefix_caching"] is False  # the default: every engine without
+
+
+def test_a_configuration_without_prefix_caching_is_compared_with_the_baseline_without_it():
+    def row(tokens):
+        return {"by_batch_size": [{"batch_size": 4, "token_ids": tokens}]}
+
+    configs = {
+        "none": row([[1, 2]]),
+        "none-no-prefix-cache": row([[1, 3]]),
+        "dlm-k4": row([[1, 2]]),
+        "dlm-k4-no-prefix-cache": row([[1, 3]]),
+    }
+    run_bench.mark_lossless(configs)
+    assert all(entry["by_batch_size"][0]["lossless"] for entry in configs.values())
+
+
+def test_the_shared_system_prompt_is_one_unread_module_docstring_of_the_asked_length():
+    from quote_set import shared_document
+
+    from dlmspec_vllm.training.answers import prose_paragraphs
+    from dlmspec_vllm.training.corpus import STDLIB_FILES
+
+    def count(text: str) -> int:
+        return len(text) // 4
+
+    name, text = shared_document(count, 300)
+    assert name not in STDLIB_FILES and not name.startswith("_")
+    paragraphs = text.split("\n\n")
+    assert count(text) >= 300 > count("\n\n".join(paragraphs[:-1]))
+    source = Path(sysconfig.get_paths()["stdlib"]) / name
+    docstring = ast.get_docstring(ast.parse(source.read_text(encoding="utf-8")))
+    assert paragraphs == prose_paragraphs(docstring or "")[: len(paragraphs)]
+
+
+def test_a_system_message_begins_every_chat_prompt_and_needs_chat():
+    from dlmspec_harness.offline_run import Batch, _prompts
+
+    class Tokenizer:
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return repr(messages)
+
+    class Engine:
+        def get_tokenizer(self):
+            return Tokenizer()
+
+    batch = Batch(prompts=["a", "b"], chat=True, system="the document")
+    first, second = (ast.literal_eval(p) for p in _prompts(Engine(), batch))
+    assert first == [
+        {"role": "system", "content": "the document"},
+        {"role": "user", "content": "a"},
+    ]
+    assert second[0] == first[0] and second[1]["content"] == "b"
+    with pytest.raises(ValueError, match="chat=True"):
+        _prompts(Engine(), Batch(prompts=["a"], system="the document"))

@@ -81,8 +81,8 @@ def test_greedy_output_identical_under_a_closed_loop_of_two_requests(no_speculat
 
 def test_a_resident_engine_serves_turns_as_a_one_shot_engine_does(tiny_pair, no_speculation):
     """The benchmark's --interleave keeps engines up between turns: the same batches served one
-    call at a time, or a closed loop served in slices, give the same greedy tokens, and closing
-    the engine reports all it served."""
+    call at a time, or a closed loop served in slices, give the same greedy tokens (and its
+    requests' times to first token), and closing the engine reports all it served."""
     job = EngineJob(
         model=str(tiny_pair.target_dir),
         speculative_config=dlm_config(tiny_pair),
@@ -106,6 +106,10 @@ def test_a_resident_engine_serves_turns_as_a_one_shot_engine_does(tiny_pair, no_
     expected = [b.token_ids for b in no_speculation.batches]
     assert [turn[0].token_ids for turn in turns] == expected
     assert sliced.token_ids == expected[1] and slices > 10
+    # Each request's time to its first token counts engine time only: the slices' gaps are out.
+    firsts = sliced.first_token_seconds
+    assert len(firsts) == len(PROMPTS) and all(0 < t < sliced.seconds for t in firsts)
+    assert turns[1][0].first_token_seconds == []  # LLM.generate reports none
     assert [b.token_ids for b in result.batches] == [*expected, expected[1]]
     assert result.spec_decode["num_draft_tokens"] > 0
     first, second = (turn[0].proposers[0]["steps"] for turn in turns)
