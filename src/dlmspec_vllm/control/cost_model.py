@@ -27,6 +27,15 @@ the step lines are over all the tokens a step computes, batch size plus draft to
 steps (no draft verified) and steps that verified drafts share one slope, a token costing what
 it costs whichever it is, each kind with its own intercept (a drafted step also pays rejection
 sampling); both are evaluated at the batch at hand.
+
+A bucket's first steps teach it the most and are the least typical: on a CPU the first step
+that computes a given number of tokens builds its kernels and runs several times slower, and
+drafts of varied lengths bring new counts one after another. Three rules keep a few such steps
+from pricing drafting out for good (once nobody drafts, no drafted step comes to correct the
+fit): the slope never exceeds either kind's mean cost per token, so neither intercept falls
+below zero and makes every later step look a stall; a drafted step costs at least a plain one,
+and where the two intercepts disagree the kind seen more recently is believed; and both kinds
+age with every step, so the next drafted step, a probe, outweighs stale ones.
 """
 
 from __future__ import annotations
@@ -57,12 +66,22 @@ class _WeightedLine:
         return self._w == 0.0
 
     def add(self, x: float, y: float) -> None:
+        self.fade()
+        self._w += 1.0
+        self._x += x
+        self._y += y
+        self._xx += x * x
+        self._xy += x * y
+
+    def fade(self) -> None:
+        """One step older: the line stays where it is (its means do not move), but weighs less
+        against the next sample."""
         keep = self._keep
-        self._w = keep * self._w + 1.0
-        self._x = keep * self._x + x
-        self._y = keep * self._y + y
-        self._xx = keep * self._xx + x * x
-        self._xy = keep * self._xy + x * y
+        self._w *= keep
+        self._x *= keep
+        self._y *= keep
+        self._xx *= keep
+        self._xy *= keep
 
     def moments(self) -> tuple[float, float, float, float, float]:
         """(weight, mean x, mean y, spread of x, co-spread of x and y): spreads summed over the
@@ -113,8 +132,10 @@ class CostModel:
         # Step seconds over the tokens the step computes (batch size plus draft tokens), one
         # line per kind of step sharing one slope: a token costs what it costs, whether a
         # request's own or a draft's, but a step that verified drafts pays rejection sampling
-        # too, so each kind has its own intercept. Each kind's evidence fades only as more of
-        # its kind arrives, so a stretch without drafts keeps what drafting was seen to cost.
+        # too, so each kind has its own intercept. Both kinds age with every step: a stretch
+        # without drafts keeps what drafting was seen to cost, but the next drafted step
+        # outweighs it, so a few early steps that ran slow (the first of each new shape, on a
+        # CPU) cannot keep drafting priced out when no drafted step comes to correct them.
         self._verify = _WeightedLine(ema)
         self._plain = _WeightedLine(ema)
         self._samples = 0
@@ -140,8 +161,10 @@ class CostModel:
             self._draft.add(draft_len, draft_seconds)
         if verify_tokens > 0:
             self._verify.add(batch_size + verify_tokens, verify_seconds)
+            self._plain.fade()
         else:
             self._plain.add(batch_size, verify_seconds)
+            self._verify.fade()
         self._samples += 1
         self._lines.clear()
 
@@ -157,7 +180,7 @@ class CostModel:
         cached = self._lines.get(batch_size)
         if cached is not None:
             return cached
-        plain, drafted, slope = self._step_lines()
+        _, drafted, slope = self._step_lines()
         verify = (max(drafted + slope * batch_size, _MIN_COST), slope)
         if self._draft.empty:
             a = self._ratio * verify[0]
@@ -183,14 +206,23 @@ class CostModel:
             sum(co_spread for *_, co_spread in kinds),
             self._verify_slope * my / (1.0 + self._verify_slope * mx),
         )
+        # No step costs less than nothing at zero tokens: a token costs at most a kind's mean
+        # cost per token. (A line of one kind through a few slow early steps can otherwise
+        # put the other kind's intercept below zero, and every step after it looks a stall.)
+        slope = min(slope, *(y / x for _, x, y, *_ in kinds if x > 0))
         plain_a, drafted_a = (
             line.moments()[2] - slope * line.moments()[1] if not line.empty else None
             for line in (self._plain, self._verify)
         )
-        if plain_a is None:
-            plain_a = drafted_a
-        if drafted_a is None:
-            drafted_a = plain_a
+        if plain_a is None or drafted_a is None:
+            plain_a = drafted_a = plain_a if drafted_a is None else drafted_a
+        # A step that verifies drafts does all a plain step does, and more. Where the two
+        # intercepts say otherwise, the kind seen more recently (the heavier, as both age every
+        # step) is believed.
+        elif self._plain.moments()[0] >= self._verify.moments()[0]:
+            drafted_a = max(drafted_a, plain_a)
+        else:
+            plain_a = min(plain_a, drafted_a)
         assert plain_a is not None and drafted_a is not None  # one kind at least was seen
         return plain_a, drafted_a, slope
 
