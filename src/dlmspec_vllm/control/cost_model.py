@@ -28,14 +28,16 @@ steps (no draft verified) and steps that verified drafts share one slope, a toke
 it costs whichever it is, each kind with its own intercept (a drafted step also pays rejection
 sampling); both are evaluated at the batch at hand.
 
-A bucket's first steps teach it the most and are the least typical: on a CPU the first step
-that computes a given number of tokens builds its kernels and runs several times slower, and
-drafts of varied lengths bring new counts one after another. Three rules keep a few such steps
-from pricing drafting out for good (once nobody drafts, no drafted step comes to correct the
-fit): the slope never exceeds either kind's mean cost per token, so neither intercept falls
-below zero and makes every later step look a stall; a drafted step costs at least a plain one,
-and where the two intercepts disagree the kind seen more recently is believed; and both kinds
-age with every step, so the next drafted step, a probe, outweighs stale ones.
+A bucket's first steps teach it the most and may be the least typical: on a CPU oneDNN builds
+its kernels per shape, so the first step that computes a given number of tokens can run slower,
+and drafts of varied lengths bring new counts one after another (the likeliest reading of the
+lock-out the prefix-caching benchmark showed; not timed step by step). Three rules keep a few
+such steps from pricing drafting out for good (once nobody drafts, no drafted step comes to
+correct the fit): the slope never exceeds either kind's mean cost per token, so neither
+intercept falls below zero and makes every later step look a stall; a drafted step costs at
+least a plain one, and where the two intercepts disagree the kind seen more recently is
+believed; and both kinds age with every step, so the next drafted step, a probe, outweighs
+stale ones.
 """
 
 from __future__ import annotations
@@ -134,8 +136,8 @@ class CostModel:
         # request's own or a draft's, but a step that verified drafts pays rejection sampling
         # too, so each kind has its own intercept. Both kinds age with every step: a stretch
         # without drafts keeps what drafting was seen to cost, but the next drafted step
-        # outweighs it, so a few early steps that ran slow (the first of each new shape, on a
-        # CPU) cannot keep drafting priced out when no drafted step comes to correct them.
+        # outweighs it, so a few early steps that ran slow cannot keep drafting priced out when
+        # no drafted step comes to correct them.
         self._verify = _WeightedLine(ema)
         self._plain = _WeightedLine(ema)
         self._samples = 0
