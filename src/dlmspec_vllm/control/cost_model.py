@@ -196,7 +196,10 @@ class CostModel:
         """(plain intercept, drafted intercept, shared slope) over the tokens a step computes.
         A kind not yet seen takes the other's intercept; with nothing seen, the prior of one
         plain-step unit at batch 1."""
-        kinds = [line.moments() for line in (self._plain, self._verify) if not line.empty]
+        plain, drafted = (
+            None if line.empty else line.moments() for line in (self._plain, self._verify)
+        )
+        kinds = [m for m in (plain, drafted) if m is not None]
         if not kinds:
             # One unit at batch 1 and no draft, s_v more per token: verify(n) = 1 + s_v * n.
             return 1.0 - self._verify_slope, 1.0 - self._verify_slope, self._verify_slope
@@ -212,21 +215,16 @@ class CostModel:
         # cost per token. (A line of one kind through a few slow early steps can otherwise
         # put the other kind's intercept below zero, and every step after it looks a stall.)
         slope = min(slope, *(y / x for _, x, y, *_ in kinds if x > 0))
-        plain_a, drafted_a = (
-            line.moments()[2] - slope * line.moments()[1] if not line.empty else None
-            for line in (self._plain, self._verify)
-        )
-        if plain_a is None or drafted_a is None:
-            plain_a = drafted_a = plain_a if drafted_a is None else drafted_a
+        if plain is None or drafted is None:
+            ((_, x, y, *_),) = kinds
+            return y - slope * x, y - slope * x, slope
+        plain_a, drafted_a = plain[2] - slope * plain[1], drafted[2] - slope * drafted[1]
         # A step that verifies drafts does all a plain step does, and more. Where the two
         # intercepts say otherwise, the kind seen more recently (the heavier, as both age every
         # step) is believed.
-        elif self._plain.moments()[0] >= self._verify.moments()[0]:
-            drafted_a = max(drafted_a, plain_a)
-        else:
-            plain_a = min(plain_a, drafted_a)
-        assert plain_a is not None and drafted_a is not None  # one kind at least was seen
-        return plain_a, drafted_a, slope
+        if plain[0] >= drafted[0]:
+            return plain_a, max(drafted_a, plain_a), slope
+        return min(plain_a, drafted_a), drafted_a, slope
 
     def plain_step(self, batch_size: int = 1) -> float:
         """What a step of batch_size requests that verifies no draft costs: measured where such
