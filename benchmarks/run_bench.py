@@ -722,7 +722,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         report["configs"][name] = {
             "speculative_config": configs[name],
-            "engine_overrides": ENGINE_OVERRIDES.get(name, {}),
+            "engine_overrides": engine_overrides(name),
             "engine_startup_seconds": [r.startup_seconds for r in engines[name]],
             "engine_counters": [r.spec_decode for r in engines[name]],
             "engine_accepted_per_position": [r.accepted_per_position for r in engines[name]],
@@ -741,15 +741,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nwrote {json_path} and {png_path}")
 
 
+def engine_overrides(name: str) -> dict[str, Any]:
+    """The engine settings a configuration changes from the benchmark's, by its name."""
+    overrides = dict(ENGINE_OVERRIDES.get(name, {}))
+    if NO_PREFIX_CACHE in name:
+        overrides["enable_prefix_caching"] = False
+    return overrides
+
+
 def engine_setup(
     name: str, spec: dict | None, prompts: dict[int, list[str]], args: argparse.Namespace
 ) -> tuple[EngineJob, dict[str, str] | None]:
     """A configuration's engine job over `prompts`, and the environment it runs in."""
     job = engine_job(args.target, spec, prompts, args)
-    if name in ENGINE_OVERRIDES:
-        job.engine_kwargs.update(ENGINE_OVERRIDES[name])
-    if NO_PREFIX_CACHE in name:
-        job.engine_kwargs["enable_prefix_caching"] = False
+    job.engine_kwargs.update(engine_overrides(name))
     if not name.endswith(REFERENCE):
         return job, None
     # An older proposer's report has other fields: its figures are vLLM's alone. Only
