@@ -15,7 +15,7 @@ three facts only, which subclasses set:
   masks may be unmasked in a pass (Fast-dLLM v2 decodes its 8-token sub-blocks in order).
 
 Denoising (DraftingOptions): each pass fixes some masked positions to their argmax, and the
-returned logits of a position are those of the pass that fixed it, so Drafts's confidences
+returned logits of a position are those of the pass that fixed it, so the confidences of Drafts
 are what the drafter believed when it committed.
 
 Prefix cache (DraftingOptions, with ``req_ids``): a request's context keys/values are kept

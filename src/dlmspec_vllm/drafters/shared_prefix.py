@@ -5,10 +5,10 @@ prompt, the earlier turns of a chat) without running the target over it again, s
 hidden states for that prefix never reach a drafter that reads them. This store keeps what such
 a drafter derived from them, its context keys and values, per full block of `kv_block_tokens`
 tokens (vLLM's KV-cache blocks; "block" means nothing else in this module), keyed the way vLLM
-keys its own blocks: by the content of the whole token prefix up to
-the block's end (a chain of hashes, each block's over its parent's and its own tokens). A
-request whose first features start after a prefix vLLM had cached takes that prefix's blocks
-from here as the head of its context. Blocks are shared, not copied, and immutable; a block is
+keys its own blocks: by the content of the whole token prefix up to the block's end (a chain of
+hashes, each block's over its parent's and its own tokens). A request whose first features
+start after a prefix vLLM had cached takes that prefix's blocks from here as the head of its
+context. Blocks are shared, not copied, and immutable; a block is
 evicted, least recently used first, only when no request holds it and the token budget needs
 room. A prefix the store lacks in part (a block evicted while vLLM kept its own) is a miss: the
 request drafts from the context it has, and the miss is counted.
