@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import dlmspec_vllm.drafters.dflash as dflash_module
 from dlmspec_vllm.drafters.base import (
     DraftingOptions,
     StepFeatures,
@@ -23,7 +24,6 @@ from dlmspec_vllm.drafters.base import (
 )
 from dlmspec_vllm.drafters.dflash import (
     CONSOLIDATE_CHUNKS,
-    PROJECT_EVERY_STEPS,
     DFlashConfig,
     DFlashDrafter,
     DFlashNetwork,
@@ -137,11 +137,17 @@ def test_a_batch_of_steps_one_token_each_equals_from_scratch(parts):
     assert drafter.cached_tokens == 2 * (steps + 1)
 
 
+STEPS_KEPT = 16
+
+
 def test_features_are_projected_only_for_requests_that_draft_until_steps_pile_up(
     parts, monkeypatch
 ):
     """A step's features cost nothing until a request drafts (its rows alone are projected)
-    or PROJECT_EVERY_STEPS steps wait (everyone's, in one pass)."""
+    or the kept steps hold PROJECT_AFTER_BYTES of features (everyone's, in one pass)."""
+    requests = ("a", "b", "c")
+    step_bytes = len(requests) * FEATURES * torch.float32.itemsize
+    monkeypatch.setattr(dflash_module, "PROJECT_AFTER_BYTES", STEPS_KEPT * step_bytes)
     drafter = make_drafter(parts)
     projected: list[int] = []
     network = drafter.network
@@ -152,9 +158,8 @@ def test_features_are_projected_only_for_requests_that_draft_until_steps_pile_up
         return original(features, positions)
 
     monkeypatch.setattr(network, "context_keys_values", counting)
-    requests = ("a", "b", "c")
-    features = {r: torch.randn(PROJECT_EVERY_STEPS + 1, FEATURES) for r in requests}
-    tokens = torch.randint(0, MASK, (PROJECT_EVERY_STEPS + 2,)).tolist()
+    features = {r: torch.randn(STEPS_KEPT + 1, FEATURES) for r in requests}
+    tokens = torch.randint(0, MASK, (STEPS_KEPT + 2,)).tolist()
 
     def step(position: int) -> None:
         batch = {
@@ -168,21 +173,46 @@ def test_features_are_projected_only_for_requests_that_draft_until_steps_pile_up
     assert projected == []
     early = drafter.draft([tokens[:5]], [2], req_ids=["a"])
     assert projected == [4]  # a's four rows, nobody else's
-    for position in range(4, PROJECT_EVERY_STEPS):
+    for position in range(4, STEPS_KEPT):
         step(position)
-    # The step that makes PROJECT_EVERY_STEPS wait takes everyone in: b's and c's sixteen
-    # rows each, a's twelve since its draft.
-    assert projected == [4, 2 * PROJECT_EVERY_STEPS + PROJECT_EVERY_STEPS - 4]
-    assert drafter.cached_tokens == 3 * PROJECT_EVERY_STEPS
-    step(PROJECT_EVERY_STEPS)
+    # The step that brings the kept features to the limit takes everyone in: b's and c's
+    # sixteen rows each, a's twelve since its draft.
+    assert projected == [4, 2 * STEPS_KEPT + STEPS_KEPT - 4]
+    assert drafter.cached_tokens == 3 * STEPS_KEPT
+    step(STEPS_KEPT)
     drafter.forget("c")
     block = drafter.draft([tokens[:18], tokens[:18]], [2, 2], req_ids=["a", "b"])
     assert projected[-1] == 2
     monkeypatch.undo()
     torch.testing.assert_close(early.logits[0], direct_logits(parts, tokens, features["a"], 4, 2))
     for row, r in enumerate(("a", "b")):
-        expected = direct_logits(parts, tokens, features[r], PROJECT_EVERY_STEPS + 1, 2)
+        expected = direct_logits(parts, tokens, features[r], STEPS_KEPT + 1, 2)
         torch.testing.assert_close(block.logits[row], expected)
+
+
+def test_requests_that_finish_without_drafting_are_never_projected_and_free_their_steps(
+    parts, monkeypatch
+):
+    drafter = make_drafter(parts)
+    projected: list[int] = []
+    original = drafter.network.context_keys_values
+    monkeypatch.setattr(
+        drafter.network,
+        "context_keys_values",
+        lambda features, positions: (
+            projected.append(features.shape[1]) or original(features, positions)
+        ),
+    )
+    for position in range(8):
+        batch = {
+            r: TargetFeatures(torch.tensor([position]), torch.randn(1, FEATURES)) for r in "ab"
+        }
+        drafter.observe_step(StepFeatures.of_requests(batch))
+    assert len(drafter._steps) == 8
+    drafter.forget("a")
+    assert len(drafter._steps) == 8, "b still waits on the steps"
+    drafter.forget("b")
+    assert (projected, len(drafter._steps), drafter._kept_bytes) == ([], 0, 0)
 
 
 def test_batched_rows_of_different_context_lengths_equal_each_alone(parts):

@@ -283,3 +283,25 @@ def test_step_features_keep_prompt_chunks_and_accepted_drafts_only():
     assert features.of("b").hidden[:, 1].tolist() == [3, 4]
     assert features.of("c").positions.tolist() == [7, 8]
     assert features.of("c").hidden[:, 1].tolist() == [7, 8]
+
+
+def test_step_features_without_rejected_drafts_are_the_first_rows_as_computed():
+    """A decode of 1 + 2 drafts, both accepted, and a plain decode: every scheduled token is
+    kept, so the features are the step's first 4 rows in order, whatever padding follows."""
+    from dlmspec_vllm.integration.model_runner import target_features_of_step
+
+    padded = torch.arange(6, dtype=torch.float32)[:, None]
+    features = target_features_of_step(
+        ["a", "b"],
+        {"a": 3, "b": 1},
+        {"a": 2},
+        [[11, 12, 13], [14]],
+        np.array([10, 4], dtype=np.int32),
+        [padded, padded + 100],
+        [1, 0],
+    )
+    assert (features.req_ids, features.counts) == (["a", "b"], [3, 1])
+    assert features.hidden.tolist() == [[100, 0], [101, 1], [102, 2], [103, 3]]
+    assert features.positions.tolist() == [10, 11, 12, 4]
+    padded[0] = -1
+    assert features.hidden[0].tolist() == [100, 0], "features must be a copy of the step's"

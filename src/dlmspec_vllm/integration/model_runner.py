@@ -119,10 +119,15 @@ def target_features_of_step(
         return None
     owner = np.repeat(np.arange(rows), keep)
     offset = np.arange(total) - np.repeat(np.cumsum(keep) - keep, keep)
-    flat = (np.cumsum(scheduled) - scheduled)[owner] + offset
     positions = torch.from_numpy(num_computed_tokens[:rows].astype(np.int64)[owner] + offset)
-    index = torch.from_numpy(flat).to(layer_states[0].device, non_blocking=True)
-    hidden = torch.cat([layer_states[j].index_select(0, index) for j in order], dim=-1)
+    if total == int(scheduled.sum()):
+        # Nothing rejected (a step without drafts, or every draft accepted): the kept tokens
+        # are the first `total` rows as they are, and one concatenation copies them.
+        hidden = torch.cat([layer_states[j][:total] for j in order], dim=-1)
+    else:
+        flat = (np.cumsum(scheduled) - scheduled)[owner] + offset
+        index = torch.from_numpy(flat).to(layer_states[0].device, non_blocking=True)
+        hidden = torch.cat([layer_states[j].index_select(0, index) for j in order], dim=-1)
     has_new = keep > 0
     return StepFeatures(
         req_ids=[r for r, new in zip(req_ids, has_new) if new],
