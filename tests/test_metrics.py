@@ -5,6 +5,8 @@ test_vllm_parallel.py)."""
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 
 from fixtures.metrics_text import series
 from prometheus_client import CollectorRegistry, generate_latest
@@ -63,3 +65,25 @@ def test_the_publisher_writes_the_latest_counters_and_a_scrape_reads_them(tmp_pa
     text = exposition(tmp_path)
     assert series(text, "dlmspec:accepted_tokens_total", source="drafter") == [9]
     assert [p.name for p in tmp_path.iterdir()] == ["engine-0.json"]  # no partial file left
+
+
+def test_a_publisher_whose_directory_the_front_end_removed_stops_quietly(tmp_path, caplog):
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    state = counters(0, 1)
+    publisher = MetricsPublisher(directory / "engine-0.json", lambda: json.loads(json.dumps(state)))
+    shutil.rmtree(directory)
+    state["tracked_requests"] = 4  # a change, so the last write is tried
+    with caplog.at_level(logging.ERROR, logger="dlmspec_vllm.integration.metrics"):
+        publisher.stop()
+    assert not publisher._thread.is_alive()
+    assert caplog.records == []
+
+
+def test_a_publisher_that_cannot_write_says_so(tmp_path, caplog):
+    (tmp_path / "engine-0.tmp").mkdir()  # the partial file's name is taken: every write fails
+    state = counters(0, 1)
+    with caplog.at_level(logging.ERROR, logger="dlmspec_vllm.integration.metrics"):
+        publisher = MetricsPublisher(tmp_path / "engine-0.json", lambda: dict(state))
+        publisher.stop()
+    assert "dlm metrics stopped" in caplog.text

@@ -277,6 +277,7 @@ def test_step_features_keep_prompt_chunks_and_accepted_drafts_only():
         [1, 0],
     )
     assert (features.req_ids, features.counts) == (["a", "b", "c"], [3, 2, 2])
+    assert features.batch_rows.tolist() == [0, 0, 0, 1, 1, 2, 2]
     assert features.of("a").positions.tolist() == [5, 6, 7]
     assert features.of("a").hidden.tolist() == [[100, 0], [101, 1], [102, 2]]
     assert features.of("b").positions.tolist() == [20, 21]
@@ -303,5 +304,6 @@ def test_step_features_without_rejected_drafts_are_the_first_rows_as_computed():
     assert (features.req_ids, features.counts) == (["a", "b"], [3, 1])
     assert features.hidden.tolist() == [[100, 0], [101, 1], [102, 2], [103, 3]]
     assert features.positions.tolist() == [10, 11, 12, 4]
+    assert features.batch_rows.tolist() == [0, 0, 0, 1]
     padded[0] = -1
     assert features.hidden[0].tolist() == [100, 0], "features must be a copy of the step's"

@@ -609,13 +609,16 @@ class DlmProposer:
             return
         drafter = cast(TargetConditionedDrafter, self.drafter)
         if _shared_prefixes(drafter) is not None:
-            row_of = {req_id: row for row, req_id in enumerate(step.req_ids)}
-            owners = np.repeat([row_of[r] for r in features.req_ids], features.counts)
-            tokens = token_ids_cpu[owners, features.positions.numpy()]
+            assert features.batch_rows is not None, "the runner gives every row's batch row"
+            tokens = token_ids_cpu[features.batch_rows.numpy(), features.positions.numpy()]
+            req_ids = step.req_ids
             features = replace(
                 features,
                 token_ids=torch.from_numpy(tokens.astype(np.int64)),
-                prefix_tokens=lambda req_id, count: token_ids_cpu[row_of[req_id], :count].tolist(),
+                # Asked only for a request that adopts shared blocks: rare, so looked up then.
+                prefix_tokens=lambda req_id, count: token_ids_cpu[
+                    req_ids.index(req_id), :count
+                ].tolist(),
             )
         drafter.observe_step(features)
 

@@ -152,6 +152,9 @@ class StepFeatures:
     counts: list[int]
     positions: torch.Tensor
     hidden: torch.Tensor
+    # The engine's batch row of every flat row's request ([total] int64 on the CPU), where the
+    # runner knows it: how the proposer finds the rows' tokens without a lookup per request.
+    batch_rows: torch.Tensor | None = None
     # The token at every row's position ([total] int64 on the CPU), and a request's first
     # `count` tokens: what a drafter sharing context between requests keys it by (None: not
     # known, nothing is shared).

@@ -85,6 +85,10 @@ class MetricsPublisher:
                     self.publish()
                     return
         except Exception:
+            if not self._path.parent.is_dir():
+                # The front end removed the directory on its way out (an in-process engine
+                # outlives its atexit hook): nobody reads these counters any more.
+                return
             # Metrics must never take serving down with them.
             logger.exception("dlm metrics stopped: writing %s failed", self._path)
 

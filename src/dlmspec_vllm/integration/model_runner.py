@@ -134,6 +134,7 @@ def target_features_of_step(
         counts=keep[has_new].tolist(),
         positions=positions,
         hidden=hidden,
+        batch_rows=torch.from_numpy(owner),
     )
 
 
