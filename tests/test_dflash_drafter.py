@@ -140,6 +140,19 @@ def test_a_batch_of_steps_one_token_each_equals_from_scratch(parts):
 STEPS_KEPT = 16
 
 
+def count_projected_rows(drafter: DFlashDrafter, monkeypatch) -> list[int]:
+    """The rows of every projection the drafter runs from now on, one entry per pass."""
+    projected: list[int] = []
+    original = drafter.network.context_keys_values
+
+    def counting(features, positions):
+        projected.append(features.shape[1])
+        return original(features, positions)
+
+    monkeypatch.setattr(drafter.network, "context_keys_values", counting)
+    return projected
+
+
 def test_features_are_projected_only_for_requests_that_draft_until_steps_pile_up(
     parts, monkeypatch
 ):
@@ -149,15 +162,7 @@ def test_features_are_projected_only_for_requests_that_draft_until_steps_pile_up
     step_bytes = len(requests) * FEATURES * torch.float32.itemsize
     monkeypatch.setattr(dflash_module, "PROJECT_AFTER_BYTES", STEPS_KEPT * step_bytes)
     drafter = make_drafter(parts)
-    projected: list[int] = []
-    network = drafter.network
-    original = network.context_keys_values
-
-    def counting(features, positions):
-        projected.append(features.shape[1])
-        return original(features, positions)
-
-    monkeypatch.setattr(network, "context_keys_values", counting)
+    projected = count_projected_rows(drafter, monkeypatch)
     features = {r: torch.randn(STEPS_KEPT + 1, FEATURES) for r in requests}
     tokens = torch.randint(0, MASK, (STEPS_KEPT + 2,)).tolist()
 
@@ -194,15 +199,7 @@ def test_requests_that_finish_without_drafting_are_never_projected_and_free_thei
     parts, monkeypatch
 ):
     drafter = make_drafter(parts)
-    projected: list[int] = []
-    original = drafter.network.context_keys_values
-    monkeypatch.setattr(
-        drafter.network,
-        "context_keys_values",
-        lambda features, positions: (
-            projected.append(features.shape[1]) or original(features, positions)
-        ),
-    )
+    projected = count_projected_rows(drafter, monkeypatch)
     for position in range(8):
         batch = {
             r: TargetFeatures(torch.tensor([position]), torch.randn(1, FEATURES)) for r in "ab"
