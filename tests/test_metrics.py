@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 
 from fixtures.metrics_text import series
 from prometheus_client import CollectorRegistry, generate_latest
@@ -72,6 +73,12 @@ def test_a_publisher_whose_directory_the_front_end_removed_stops_quietly(tmp_pat
     directory.mkdir()
     state = counters(0, 1)
     publisher = MetricsPublisher(directory / "engine-0.json", lambda: json.loads(json.dumps(state)))
+    # Removing the directory while the first write is under way races rmtree itself ("directory
+    # not empty"); after it, the publisher writes nothing until the counters change.
+    deadline = time.monotonic() + 30
+    while not (directory / "engine-0.json").exists():
+        assert time.monotonic() < deadline, "the publisher never wrote its first snapshot"
+        time.sleep(0.01)
     shutil.rmtree(directory)
     state["tracked_requests"] = 4  # a change, so the last write is tried
     with caplog.at_level(logging.ERROR, logger="dlmspec_vllm.integration.metrics"):

@@ -84,11 +84,12 @@ class MetricsPublisher:
                 if self._stopped.wait(PUBLISH_INTERVAL_SECONDS):
                     self.publish()
                     return
+        except FileNotFoundError:
+            # The front end removed the directory on its way out (an in-process engine outlives
+            # its atexit hook), possibly between writing the partial file and renaming it:
+            # nobody reads these counters any more.
+            return
         except Exception:
-            if not self._path.parent.is_dir():
-                # The front end removed the directory on its way out (an in-process engine
-                # outlives its atexit hook): nobody reads these counters any more.
-                return
             # Metrics must never take serving down with them.
             logger.exception("dlm metrics stopped: writing %s failed", self._path)
 
