@@ -409,6 +409,9 @@ def summarize(
                 }
                 if first_tokens
                 else None,
+                # Closed loops only: engine steps in which a request's prompt was computed,
+                # and the others, with the seconds each kind took.
+                "engine_steps": engine_steps(batches),
                 "drafting_steps": len(drafted),
                 "draft_tokens": sum(drafted),
                 "accepted_tokens": sum(accepted),
@@ -429,6 +432,25 @@ def summarize(
             }
         )
     return rows
+
+
+def engine_steps(batches: Sequence[BatchResult]) -> dict[str, dict[str, float]] | None:
+    """Steps and seconds per kind of engine step over these batches (None unless closed
+    loops counted them), with milliseconds per step."""
+    totals: dict[str, list[float]] = {}
+    for batch in batches:
+        for kind, (steps, seconds) in batch.engine_steps.items():
+            total = totals.setdefault(kind, [0, 0.0])
+            total[0] += steps
+            total[1] += seconds
+    return {
+        kind: {
+            "steps": int(steps),
+            "seconds": seconds,
+            "ms_per_step": 1000 * seconds / steps if steps else None,
+        }
+        for kind, (steps, seconds) in totals.items()
+    } or None
 
 
 def merge_proposer_figures(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import run_bench  # noqa: E402
 
-from dlmspec_harness.offline_run import engine_env  # noqa: E402
+from dlmspec_harness.offline_run import BatchResult, engine_env  # noqa: E402
 
 
 def engine_of(*flags: str) -> dict:
@@ -156,3 +156,22 @@ def test_a_system_message_begins_every_chat_prompt_and_needs_chat():
     assert second[0] == first[0] and second[1]["content"] == "b"
     with pytest.raises(ValueError, match="chat=True"):
         _prompts(Engine(), Batch(prompts=["a"], system="the document"))
+
+
+def test_engine_steps_are_summed_by_kind_over_a_batch_sizes_batches():
+    def batch(steps: dict[str, list[float]]) -> BatchResult:
+        return BatchResult(
+            token_ids=[], texts=[], seconds=1.0, generated_tokens=0, engine_steps=steps
+        )
+
+    summed = run_bench.engine_steps(
+        [
+            batch({"first_token": [2, 0.5], "decode": [10, 1.0]}),
+            batch({"first_token": [1, 0.25], "decode": [30, 2.0]}),
+        ]
+    )
+    assert summed == {
+        "first_token": {"steps": 3, "seconds": 0.75, "ms_per_step": 250.0},
+        "decode": {"steps": 40, "seconds": 3.0, "ms_per_step": 75.0},
+    }
+    assert run_bench.engine_steps([batch({})]) is None  # LLM.generate counts no steps

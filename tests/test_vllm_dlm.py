@@ -110,6 +110,15 @@ def test_a_resident_engine_serves_turns_as_a_one_shot_engine_does(tiny_pair, no_
     firsts = sliced.first_token_seconds
     assert len(firsts) == len(PROMPTS) and all(0 < t < sliced.seconds for t in firsts)
     assert turns[1][0].first_token_seconds == []  # LLM.generate reports none
+    # One engine step per slice, each counted once by kind; the prompts' steps are those in
+    # which a first token came out.
+    (first_token_steps, first_token_s), (decode_steps, decode_s) = (
+        sliced.engine_steps["first_token"],
+        sliced.engine_steps["decode"],
+    )
+    assert first_token_steps + decode_steps == slices
+    assert 1 <= first_token_steps <= len(PROMPTS) < decode_steps
+    assert 0 < first_token_s + decode_s <= sliced.seconds
     assert [b.token_ids for b in result.batches] == [*expected, expected[1]]
     assert result.spec_decode["num_draft_tokens"] > 0
     first, second = (turn[0].proposers[0]["steps"] for turn in turns)

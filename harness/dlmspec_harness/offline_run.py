@@ -78,6 +78,9 @@ class BatchResult(BaseModel):
     proposers: list[dict[str, Any] | None] = Field(default_factory=list)
     # A closed loop's: per request, the engine's seconds from joining to its first token.
     first_token_seconds: list[float] = Field(default_factory=list)
+    # A closed loop's engine steps by kind, "first_token" (a request's prompt was computed in
+    # it: its first token came out) or "decode", as [steps, seconds].
+    engine_steps: dict[str, list[float]] = Field(default_factory=dict)
 
 
 class EngineResult(BaseModel):
@@ -190,6 +193,7 @@ class ClosedLoop:
         # In-slice seconds when each request joined, and from then to its first token.
         self._joined: dict[str, float] = {}
         self._first_token: dict[str, float] = {}
+        self._steps = {"first_token": [0, 0.0], "decode": [0, 0.0]}
         self.seconds = 0.0
 
     def advance(self, seconds: float = math.inf) -> bool:
@@ -204,13 +208,20 @@ class ClosedLoop:
         self._to_admit = 0
         engine = self._engine
         while engine.has_unfinished_requests():
-            for output in engine.step():
+            step_started = time.perf_counter()
+            outputs = engine.step()
+            step_seconds = time.perf_counter() - step_started
+            kind = "decode"
+            for output in outputs:
                 request_id = output.request_id
                 if request_id not in self._first_token and output.outputs[0].token_ids:
                     self._first_token[request_id] = clock() - self._joined[request_id]
+                    kind = "first_token"
                 if output.finished:
                     self._done[request_id] = output
                     self._admit(clock())
+            self._steps[kind][0] += 1
+            self._steps[kind][1] += step_seconds
             if time.perf_counter() - started >= seconds:
                 break
         self.seconds = clock()
@@ -219,7 +230,9 @@ class ClosedLoop:
     def result(self, report_proposer: bool) -> BatchResult:
         outputs = [self._done[request_id] for request_id in self._ids]
         first_tokens = [self._first_token[request_id] for request_id in self._ids]
-        return _batch_result(self._llm, outputs, self.seconds, report_proposer, first_tokens)
+        result = _batch_result(self._llm, outputs, self.seconds, report_proposer, first_tokens)
+        result.engine_steps = {kind: list(figures) for kind, figures in self._steps.items()}
+        return result
 
     def _admit(self, now: float) -> None:
         request = next(self._waiting, None)
