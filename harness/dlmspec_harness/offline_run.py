@@ -78,8 +78,9 @@ class BatchResult(BaseModel):
     proposers: list[dict[str, Any] | None] = Field(default_factory=list)
     # A closed loop's: per request, the engine's seconds from joining to its first token.
     first_token_seconds: list[float] = Field(default_factory=list)
-    # A closed loop's engine steps by kind, "first_token" (a request's prompt was computed in
-    # it: its first token came out) or "decode", as [steps, seconds].
+    # A closed loop's engine steps by kind, "first_token" (a request's first token came out of
+    # it: its prompt, or a chunked prompt's last chunk, was computed in it) or "decode", as
+    # [steps, seconds].
     engine_steps: dict[str, list[float]] = Field(default_factory=dict)
 
 
@@ -157,6 +158,7 @@ def _batch_result(
     seconds: float,
     report_proposer: bool,
     first_token_seconds: list[float] | None = None,
+    engine_steps: dict[str, list[float]] | None = None,
 ) -> BatchResult:
     token_ids = [list(o.outputs[0].token_ids) for o in outputs]
     return BatchResult(
@@ -169,6 +171,7 @@ def _batch_result(
         ],
         proposers=_proposer_reports(llm) if report_proposer else [],
         first_token_seconds=first_token_seconds or [],
+        engine_steps={kind: list(figures) for kind, figures in (engine_steps or {}).items()},
     )
 
 
@@ -230,9 +233,9 @@ class ClosedLoop:
     def result(self, report_proposer: bool) -> BatchResult:
         outputs = [self._done[request_id] for request_id in self._ids]
         first_tokens = [self._first_token[request_id] for request_id in self._ids]
-        result = _batch_result(self._llm, outputs, self.seconds, report_proposer, first_tokens)
-        result.engine_steps = {kind: list(figures) for kind, figures in self._steps.items()}
-        return result
+        return _batch_result(
+            self._llm, outputs, self.seconds, report_proposer, first_tokens, self._steps
+        )
 
     def _admit(self, now: float) -> None:
         request = next(self._waiting, None)
